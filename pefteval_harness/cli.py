@@ -1,0 +1,192 @@
+"""`pefteval`: run, plan, leaderboard, tasks, lm-eval, merge, tiny-model.
+
+Exit codes (DESIGN.md): 0 success; 2 bad input (spec, config, arguments: one line, no traceback,
+nothing written); 1 a runtime failure, after which the store is consistent and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pefteval_harness.errors import BadInput
+
+log = logging.getLogger("pefteval")
+
+
+def _load(spec_path: str):
+    from pefteval_harness.plan import build_plan
+    from pefteval_harness.spec import load_spec
+
+    spec, path = load_spec(spec_path)
+    try:
+        return spec, build_plan(spec)
+    except BadInput as e:
+        raise BadInput(f"{path}: {e}") from None
+
+
+def cmd_plan(args) -> int:
+    _, plan = _load(args.spec)
+    print(plan.describe())
+    return 0
+
+
+def cmd_run(args) -> int:
+    from pefteval_harness import runner
+    from pefteval_harness.report.leaderboard import write_reports
+    from pefteval_harness.store import Store, write_atomic, write_json
+
+    spec, plan = _load(args.spec)
+    output = Path(args.output or spec.output or Path("runs") / spec.name)
+    store = Store(output)
+    pending = [job for job in plan.jobs if not store.is_done(job.id)]
+    if args.dry_run:
+        print(plan.describe())
+        print(f"\n{len(pending)} of {len(plan.jobs)} jobs to run; results would go to {output}")
+        return 0
+
+    write_atomic(output / "spec.yaml", Path(args.spec).read_text())
+    write_json(output / "plan.json", {"spec_hash": spec.fingerprint(), "jobs": [j.to_dict() for j in plan.jobs]})
+    summary = runner.RunSummary(skipped=[j.id for j in plan.jobs if j not in pending])
+    if pending:
+        log.info("%d of %d jobs to run, results in %s", len(pending), len(plan.jobs), output)
+        runner.init_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
+        summary = runner.execute(plan, store, max_retries=spec.resources.max_retries)
+    print(write_reports(output))
+    print(
+        f"{len(summary.ran)} jobs ran, {len(summary.skipped)} already done, {len(summary.failed)} failed;"
+        f" leaderboard: {output / 'leaderboard.md'}"
+    )
+    return 1 if summary.failed else 0
+
+
+def cmd_leaderboard(args) -> int:
+    from pefteval_harness.report.leaderboard import collect_rows, render
+
+    sys.stdout.write(render(collect_rows(args.dir), args.format))
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from pefteval_harness.tasks import task_configs_path, task_manager
+
+    if args.tasks_command == "path":
+        print(task_configs_path())
+        return 0
+    from tabulate import tabulate
+
+    root = task_configs_path()
+    rows = []
+    for name, entry in sorted(task_manager().task_index.items()):
+        if entry.cfg is None or "task" not in entry.cfg or entry.yaml_path is None or "group" in entry.cfg:
+            continue
+        family = Path(entry.yaml_path).relative_to(root).parts[0]
+        if args.family and family != args.family:
+            continue
+        cfg = entry.cfg
+        metrics = ", ".join(m["metric"] for m in cfg.get("metric_list") or [])
+        rows.append([name, family, cfg.get("output_type", ""), metrics, cfg.get("training_split") or "-"])
+    if not rows:
+        raise BadInput(f"--family: no tasks in family {args.family!r}")
+    print(tabulate(rows, headers=["task", "family", "output_type", "metrics", "train split"], tablefmt="github"))
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    """lm-eval's own CLI, with the plugin's task folder added."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from pefteval_harness.tasks import task_configs_path
+
+    rest = list(args.lm_eval_args)
+    if any(a == "--include_path" or a.startswith("--include_path=") for a in rest):
+        raise BadInput(
+            "--include_path: lm-eval 0.4.13 takes one task folder and pefteval lm-eval passes its own;"
+            ' use lm_eval --include_path "$(pefteval tasks path)" with your tasks copied under one folder'
+        )
+    sys.argv = ["lm_eval", *rest, "--include_path", str(task_configs_path())]
+    cli_evaluate()
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from pefteval_harness.merging import merge_from_config
+
+    out = merge_from_config(Path(args.config), Path(args.out))
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from pefteval_harness import tiny_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise BadInput(f"--out: {out} exists and is not empty")
+    print(f"tiny model written to {tiny_model.build(out)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pefteval", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log every job and library message")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="plan and run an experiment spec on Ray, then write the leaderboard")
+    run.add_argument("spec")
+    run.add_argument("--output", help="results folder (default: the spec's output:, else runs/<name>)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and what is left to run")
+    run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="print the job graph of a spec without running anything")
+    plan.add_argument("spec")
+    plan.set_defaults(func=cmd_plan)
+
+    board = sub.add_parser("leaderboard", help="print the leaderboard of a results folder")
+    board.add_argument("dir")
+    board.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
+    board.set_defaults(func=cmd_leaderboard)
+
+    tasks = sub.add_parser("tasks", help="the plugin's lm-eval tasks")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
+    listing = tasks_sub.add_parser("list", help="list the tasks")
+    listing.add_argument("--family", help="only this family (its folder under task_configs/)")
+    tasks_sub.add_parser("path", help="print the task folder, for lm_eval --include_path")
+    tasks.set_defaults(func=cmd_tasks)
+
+    lm_eval = sub.add_parser("lm-eval", help="lm-eval's own CLI with the plugin's tasks", add_help=False)
+    lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    lm_eval.set_defaults(func=cmd_lm_eval)
+
+    merge = sub.add_parser("merge", help="merge expert models or adapters as a YAML config says")
+    merge.add_argument("config")
+    merge.add_argument("--out", required=True)
+    merge.set_defaults(func=cmd_merge)
+
+    tiny = sub.add_parser("tiny-model", help="write the embedded default model to a folder")
+    tiny.add_argument("--out", required=True)
+    tiny.set_defaults(func=cmd_tiny_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("pefteval_harness").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except BadInput as e:
+        print(f"pefteval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

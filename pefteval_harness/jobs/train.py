@@ -1,0 +1,167 @@
+"""Train job: full fine-tuning through DeepSpeed, or a `peft` method, with the HuggingFace Trainer.
+
+The examples are the training splits of the job's tasks rendered by their own lm-eval configs
+(`tasks/rendering.py`); the loss covers the answer tokens only. The job records its costs (trainable
+parameters, time, peak memory, artifact size) next to the artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from pefteval_harness.finetuning import get_method
+from pefteval_harness.jobs import model_path
+from pefteval_harness.store import Store
+from pefteval_harness.tasks import manager_for
+from pefteval_harness.tasks.rendering import training_examples
+
+
+def deepspeed_config(settings: dict) -> dict:
+    """A DeepSpeed config for the Trainer: "auto" lets the Trainer fill in what it already knows."""
+    zero: dict = {"stage": settings["zero_stage"]}
+    if settings["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if settings["zero_stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    optimizer_params = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
+    if not settings["offload_optimizer"]:
+        optimizer_params["torch_adam"] = True  # skips a long JIT build of DeepSpeed's fused CPU Adam
+    return {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "zero_allow_untested_optimizer": True,
+        **settings["config"],
+    }
+
+
+def _single_process_group() -> None:
+    """DeepSpeed wants a process group even for one process; a launcher would have set these."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+
+
+def tokenize(examples, tokenizer, max_length: int) -> list[dict]:
+    """Encode prompt + continuation the way lm-eval scores them; mask the prompt out of the loss."""
+    rows = []
+    for ex in examples:
+        prompt, continuation = ex.prompt, ex.continuation
+        # lm-eval moves the prompt's trailing whitespace into the continuation before encoding.
+        stripped = prompt.rstrip()
+        prompt, continuation = stripped, prompt[len(stripped) :] + continuation
+        whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = (whole + [tokenizer.eos_token_id])[:max_length]
+        labels = ([-100] * n_prompt + ids[n_prompt:])[:max_length]
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+class PadCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+
+        def pad(values, fill):
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values])
+
+        ids = [r["input_ids"] for r in rows]
+        return {
+            "input_ids": pad(ids, self.pad_id),
+            "attention_mask": pad([[1] * len(v) for v in ids], 0),
+            "labels": pad([r["labels"] for r in rows], -100),
+        }
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def train(job: dict, store: Store) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    config, settings = job["config"], job["config"]["train"]
+    method = get_method(config["method"])
+    base = model_path(config["base"], store)
+    trust = config["trust_remote_code"]
+
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    manager = manager_for(settings["tasks"], config["include_paths"])
+    tasks = manager.load(settings["tasks"])["tasks"]
+    examples = [ex for name in settings["tasks"] for ex in training_examples(tasks[name], settings["limit"])]
+    random.Random(config["seed"]).shuffle(examples)
+    rows = tokenize(examples, tokenizer, settings["max_length"])
+
+    torch.manual_seed(config["seed"])
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust, dtype=torch.float32)
+    if not method.is_full:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, method.peft_config(config["peft"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+
+    if config["deepspeed"]:
+        _single_process_group()
+    with store.staging(job["id"]) as out:
+        args = TrainingArguments(
+            output_dir=str(out / "trainer"),
+            per_device_train_batch_size=settings["batch_size"],
+            gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+            num_train_epochs=settings["epochs"],
+            max_steps=settings["max_steps"],
+            learning_rate=settings["learning_rate"],
+            lr_scheduler_type=settings["lr_scheduler"],
+            warmup_steps=settings["warmup"],
+            weight_decay=settings["weight_decay"],
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            seed=config["seed"],
+            use_cpu=not torch.cuda.is_available(),
+            deepspeed=deepspeed_config(config["deepspeed"]) if config["deepspeed"] else None,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(tokenizer.pad_token_id))
+        started = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - started
+        trainer.save_model(str(out))  # the full model, or only the adapter for a peft model
+        tokenizer.save_pretrained(str(out))
+        shutil.rmtree(out / "trainer", ignore_errors=True)
+        artifact_bytes = _directory_bytes(out)
+    return {
+        "method": method.name,
+        "tasks": settings["tasks"],
+        "examples": len(rows),
+        "steps": output.global_step,
+        "train_loss": output.training_loss,
+        "loss_history": [log["loss"] for log in trainer.state.log_history if "loss" in log],
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_seconds": seconds,
+        # ru_maxrss is KiB on Linux; each train job runs in a fresh worker process (max_calls=1).
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "artifact_bytes": artifact_bytes,
+    }

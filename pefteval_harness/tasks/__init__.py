@@ -1,0 +1,76 @@
+"""The plugin's lm-eval tasks: where their YAMLs are, and a TaskManager that sees them."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def task_configs_path() -> Path:
+    """The folder of task YAMLs: `task_configs/` in a checkout, `pefteval_harness/task_configs` in a wheel.
+
+    Both resolve through the import system (an editable install maps the package to the checkout).
+    """
+    return Path(str(resources.files("pefteval_harness.task_configs")))
+
+
+def task_manager(include_paths: list[str | Path] = (), include_defaults: bool = False):
+    """An lm-eval TaskManager over the plugin's tasks and the user's folders.
+
+    lm-eval's built-in tasks are indexed only when asked for: indexing them takes seconds.
+    """
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(task_configs_path()), *map(str, include_paths)]
+    return TaskManager(include_path=paths, include_defaults=include_defaults)
+
+
+def resolve_tasks(patterns: list[str], include_paths: list[str | Path] = ()) -> tuple[list[str], bool]:
+    """Expand names and globs to leaf task names; (names, whether lm-eval's built-ins were needed).
+
+    A pattern that matches no plugin task is looked up in lm-eval's built-in tasks; one that matches
+    nothing anywhere raises KeyError naming it. Group and tag names expand to their leaf tasks.
+    """
+    import fnmatch
+
+    needs_defaults = False
+    manager = task_manager(include_paths)
+    names: list[str] = []
+    for pattern in patterns:
+        matched = _leaves(manager, pattern, fnmatch.filter)
+        if not matched and not needs_defaults:
+            needs_defaults = True
+            manager = task_manager(include_paths, include_defaults=True)
+            matched = _leaves(manager, pattern, fnmatch.filter)
+        if not matched:
+            raise KeyError(pattern)
+        names += [n for n in matched if n not in names]
+    return names, needs_defaults
+
+
+def _leaves(manager, pattern: str, match) -> list[str]:
+    leaves = match(manager.all_subtasks, pattern)
+    if leaves or pattern not in manager.all_tasks:
+        return sorted(leaves)
+    return sorted(manager.load([pattern])["tasks"])  # a group or tag: its leaf tasks
+
+
+def task_version(manager, name: str) -> str:
+    """A hash of the files that define a task (its folder's YAMLs and hooks): part of job ids."""
+    import hashlib
+
+    entry = manager.task_index[name]
+    digest = hashlib.sha256(name.encode())
+    if entry.yaml_path is not None:
+        for path in sorted(Path(entry.yaml_path).parent.iterdir()):
+            if path.suffix in (".yaml", ".yml", ".py"):
+                digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def manager_for(names: list[str], include_paths: list[str | Path] = ()):
+    """A TaskManager that knows `names`, indexing lm-eval's built-ins only if one of them needs it."""
+    manager = task_manager(include_paths)
+    if all(name in manager.task_index for name in names):
+        return manager
+    return task_manager(include_paths, include_defaults=True)

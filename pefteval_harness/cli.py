@@ -63,9 +63,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from pefteval_harness.report.leaderboard import collect_rows, render
+    from pefteval_harness.report.leaderboard import report
 
-    sys.stdout.write(render(collect_rows(args.dir), args.format))
+    sys.stdout.write(report(args.dir, args.format))
     return 0
 
 
@@ -94,13 +94,12 @@ def cmd_tasks(args) -> int:
     return 0
 
 
-def cmd_lm_eval(args) -> int:
+def cmd_lm_eval(rest: list[str]) -> int:
     """lm-eval's own CLI, with the plugin's task folder added."""
     from lm_eval.__main__ import cli_evaluate
 
     from pefteval_harness.tasks import task_configs_path
 
-    rest = list(args.lm_eval_args)
     if any(a == "--include_path" or a.startswith("--include_path=") for a in rest):
         raise BadInput(
             "--include_path: lm-eval 0.4.13 takes one task folder and pefteval lm-eval passes its own;"
@@ -158,9 +157,8 @@ def parser() -> argparse.ArgumentParser:
     tasks_sub.add_parser("path", help="print the task folder, for lm_eval --include_path")
     tasks.set_defaults(func=cmd_tasks)
 
-    lm_eval = sub.add_parser("lm-eval", help="lm-eval's own CLI with the plugin's tasks", add_help=False)
-    lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    lm_eval.set_defaults(func=cmd_lm_eval)
+    # Listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser.
+    sub.add_parser("lm-eval", help="lm-eval's own CLI (same flags) with the plugin's tasks added")
 
     merge = sub.add_parser("merge", help="merge expert models or adapters as a YAML config says")
     merge.add_argument("config")
@@ -174,6 +172,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:
+        try:
+            return cmd_lm_eval(argv[1:])
+        except BadInput as e:
+            print(f"pefteval: error: {e}", file=sys.stderr)
+            return 2
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -31,7 +31,7 @@ class FinetuneMethod:
         try:
             return cls(task_type="CAUSAL_LM", **{**self.defaults, **overrides})
         except TypeError as e:  # unknown field
-            raise BadInput(f"{cls.__name__}: {e}".replace("__init__() ", "")) from None
+            raise BadInput(f"{cls.__name__}: {str(e).replace(f'{cls.__name__}.__init__() ', '')}") from None
         except ValueError as e:  # peft's own checks in __post_init__
             raise BadInput(f"{cls.__name__}: {e}") from None
 

@@ -118,13 +118,16 @@ def build_plan(spec: Spec) -> Plan:
     for name, ft in spec.finetunes.items():
         try:
             method = get_method(ft.method)
-            peft_config = None if method.is_full else {**method.defaults, **ft.config}
+        except BadInput as e:
+            raise BadInput(f"finetunes.{name}.method: {e}") from None
+        try:
             if method.is_full and ft.config:
                 raise BadInput("full fine-tuning takes no peft config (use deepspeed: for its settings)")
             if not method.is_full:
                 method.peft_config(ft.config)
         except BadInput as e:
-            raise BadInput(f"finetunes.{name}.{'method' if 'unknown' in str(e) else 'config'}: {e}") from None
+            raise BadInput(f"finetunes.{name}.config: {e}") from None
+        peft_config = None if method.is_full else {**method.defaults, **ft.config}
         settings = spec.train_settings(ft)
         where = f"finetunes.{name}.train.tasks" if "tasks" in ft.train else "train.tasks"
         tasks, versions = _tasks(settings.tasks, where, spec, training=True)

@@ -90,7 +90,7 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
             ray.get(ref)
             summary.ran.append(job.id)
             log.info("done %s %s (%d left)", job.kind, job.label, len(waiting))
-        except Exception as e:  # noqa: BLE001: any failure of a job is recorded, never dropped
+        except Exception as e:  # any failure of a job is recorded, never dropped
             failed_inputs = [d for d in job.deps if d in summary.failed]
             reason = f"upstream job {failed_inputs[0]} failed" if failed_inputs else _cause(e)
             summary.failed[job.id] = reason

@@ -80,8 +80,16 @@ def collect_rows(root: str | Path) -> list[dict]:
             rows += rows_from_result(store.result(job["id"]), **model)
         else:
             for task in job["config"]["tasks"]:
-                rows.append({**model, "task": task, "metric": "", "value": None, "stderr": None,
-                             "error": status.get("reason", status["state"])})
+                rows.append(
+                    {
+                        **model,
+                        "task": task,
+                        "metric": "",
+                        "value": None,
+                        "stderr": None,
+                        "error": status.get("reason", status["state"]),
+                    }
+                )
     for path, result in _plain_lm_eval_results(root):
         args = result.get("config", {}).get("model_args")
         label = result.get("model_name") or (json.dumps(args) if isinstance(args, dict) else str(args))
@@ -115,13 +123,36 @@ def to_markdown(rows: list[dict]) -> str:
     return text
 
 
+def training_costs(root: str | Path) -> list[dict]:
+    """What each fine-tune cost (from the latest plan's train jobs): the PEFT-vs-FFT trade-off."""
+    root = Path(root)
+    if not (root / "plan.json").exists():
+        return []
+    store, rows = Store(root), []
+    for job in read_json(root / "plan.json")["jobs"]:
+        if job["kind"] == "train" and store.is_done(job["id"]):
+            r = store.result(job["id"])
+            rows.append(
+                {
+                    "model": job["label"],
+                    "method": r["method"],
+                    "trainable params": f"{r['trainable_params']:,} ({r['trainable_params'] / r['total_params']:.1%})",
+                    "steps": r["steps"],
+                    "train s": f"{r['train_seconds']:.1f}",
+                    "peak RSS MB": f"{r['peak_rss_mb']:.0f}",
+                    "artifact MB": f"{r['artifact_bytes'] / 2**20:.2f}",
+                }
+            )
+    return rows
+
+
 def _cell(value) -> str:
     if value is None:
         return "-"
     return value if isinstance(value, str) else f"{value:.3f}"
 
 
-def render(rows: list[dict], fmt: str) -> str:
+def render(rows: list[dict], fmt: str, costs: list[dict] = ()) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
@@ -131,12 +162,23 @@ def render(rows: list[dict], fmt: str) -> str:
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue()
-    return to_markdown(rows)
+    text = to_markdown(rows)
+    if costs:
+        from tabulate import tabulate
+
+        text += "\nTraining cost (wall time and memory depend on the machine):\n\n"
+        text += tabulate(costs, headers="keys", tablefmt="github", disable_numparse=True) + "\n"
+    return text
+
+
+def report(root: str | Path, fmt: str) -> str:
+    return render(collect_rows(root), fmt, training_costs(root))
 
 
 def write_reports(root: str | Path) -> str:
-    """Write leaderboard.md, .csv and .json into the store; return the markdown."""
-    rows = collect_rows(root)
-    for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("json", "json")):
-        write_atomic(Path(root) / f"leaderboard.{suffix}", render(rows, fmt))
-    return render(rows, "markdown")
+    """Write leaderboard.md (scores, then training costs), .csv and .json; return the markdown."""
+    rows, costs = collect_rows(root), training_costs(root)
+    for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):
+        text = render(rows, fmt, costs)
+        write_atomic(Path(root) / f"leaderboard.{suffix}", text)
+    return text

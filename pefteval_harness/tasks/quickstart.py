@@ -128,7 +128,10 @@ def pretraining_texts(seed: int = SEED) -> list[str]:
 def corpus(seed: int = SEED) -> list[str]:
     """Every text the quickstart tasks can show, for training the tiny model's tokenizer."""
     texts = [" ".join(str(v) for v in r.values()) for t in GENERATORS for s in SPLIT_SIZES for r in records(t, s, seed)]
-    texts += [" ".join(POSITIVE + NEGATIVE + NOUNS + FILLERS + COLOURS), " ".join(w for ws in TOPICS.values() for w in ws)]
+    texts += [
+        " ".join(POSITIVE + NEGATIVE + NOUNS + FILLERS + COLOURS),
+        " ".join(w for ws in TOPICS.values() for w in ws),
+    ]
     texts += pretraining_texts(seed)
     texts += ["Review: Sentiment: positive negative Topic: sports food science Question: Answer: Repeat: Output:"]
     return texts

@@ -1,0 +1,44 @@
+"""Shared test setup: offline, loopback-only Ray, the tiny model built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PEFTEVAL = [sys.executable, "-m", "pefteval_harness.cli"]
+
+# Set before any library import reads them (and inherited by every subprocess and Ray worker).
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    DS_ACCELERATOR="cpu",
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps Ray's node on 127.0.0.1 (ENVIRONMENT.md)
+    RAY_AUTH_MODE="disabled",
+)
+os.environ.pop("RAY_ADDRESS", None)  # tests start their own loopback Ray, never join another
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from pefteval_harness import tiny_model
+
+    return tiny_model.build(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session, on loopback only (asserted)."""
+    import ray
+
+    from pefteval_harness.runner import init_ray
+
+    init_ray(None, num_cpus=2)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,113 @@
+"""The whole pipeline as a user runs it: `pefteval run examples/quickstart.yaml`, then again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+
+import pytest
+
+from tests.conftest import PEFTEVAL, REPO
+from tests.test_tasks import QUICK
+
+MODELS = ["base", "fft", "lora", "merged"]
+
+
+def pefteval(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*PEFTEVAL, *map(str, args)], capture_output=True, text=True, cwd=REPO, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart") / "run"
+    first = pefteval("run", "examples/quickstart.yaml", "--output", out, timeout=1200)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    return out, first
+
+
+def leaderboard_rows(out) -> list[dict]:
+    board = pefteval("leaderboard", out, "--format", "json")
+    assert board.returncode == 0, board.stderr
+    return json.loads(board.stdout)
+
+
+def test_quickstart_scores_base_fft_lora_and_merge_on_every_task(quickstart):
+    out, first = quickstart
+    rows = leaderboard_rows(out)
+    for model in MODELS:
+        mine = [r for r in rows if r["model"] == model]
+        assert sorted(r["task"] for r in mine) == QUICK, model
+        assert all(isinstance(r["value"], float) and r["metric"] and r["job_id"].startswith("evaluate-") for r in mine)
+    markdown = (out / "leaderboard.md").read_text()
+    assert markdown in first.stdout  # what the run printed is what it wrote
+    assert all(f"| {model} " in markdown for model in MODELS)
+    assert pefteval("leaderboard", out, "--format", "csv").stdout.startswith("model,method,task,metric,value")
+
+
+def test_training_changed_the_scores(quickstart):
+    rows = leaderboard_rows(quickstart[0])
+
+    def mean(model):
+        values = [r["value"] for r in rows if r["model"] == model]
+        return sum(values) / len(values)
+
+    assert mean("fft") > mean("base") + 0.1
+    assert mean("lora") > mean("base") + 0.1
+    assert mean("merged") != mean("base")
+
+
+def test_results_are_lm_eval_json_with_provenance_and_costs(quickstart):
+    out = quickstart[0]
+    plan = json.loads((out / "plan.json").read_text())
+    for job in plan["jobs"]:
+        result = json.loads((out / "jobs" / job["id"] / "result.json").read_text())
+        provenance = result["pefteval"]
+        assert provenance["job_id"] == job["id"] and provenance["spec_hash"] == plan["spec_hash"]
+        assert {"torch", "transformers", "peft", "deepspeed", "lm_eval", "ray"} <= provenance["packages"].keys()
+        if job["kind"] == "evaluate":
+            assert {"results", "configs", "versions", "n-samples"} <= result.keys()
+        if job["kind"] == "train":
+            full = job["config"]["method"] == "full"
+            assert (result["trainable_params"] == result["total_params"]) is full
+            assert result["steps"] > 0 and result["train_seconds"] > 0 and result["artifact_bytes"] > 0
+            assert result["loss_history"][-1] < result["loss_history"][0]
+
+
+def test_rerun_does_no_work_and_prints_the_same_leaderboard(quickstart):
+    out, first = quickstart
+    results = sorted(out.glob("jobs/*/result.json"))
+    before = [p.stat().st_mtime_ns for p in results]
+    second = pefteval("run", "examples/quickstart.yaml", "--output", out, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 jobs ran" in second.stdout
+    assert second.stdout.split("jobs ran")[0].rsplit("\n", 1)[0] == first.stdout.split("jobs ran")[0].rsplit("\n", 1)[0]
+    assert [p.stat().st_mtime_ns for p in results] == before
+
+
+def test_failures_are_recorded_with_their_reason_and_exit_1(tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')  # no weights, no tokenizer
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        textwrap.dedent(f"""
+        base_model: {broken}
+        train: {{tasks: [pefteval_quick_sentiment], max_steps: 2}}
+        finetunes: {{lora: {{method: lora}}}}
+        evaluate: {{tasks: [pefteval_quick_sentiment], limit: 4}}
+        resources: {{max_retries: 0}}
+    """)
+    )
+    out = tmp_path / "out"
+    run = pefteval("run", spec, "--output", out, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "0 jobs ran" in run.stdout and "3 failed" in run.stdout
+    statuses = {}
+    for job in json.loads((out / "plan.json").read_text())["jobs"]:
+        statuses[job["kind"], job["label"]] = json.loads((out / "jobs" / job["id"] / "status.json").read_text())
+    assert all(s["state"] == "failed" for s in statuses.values())
+    train_id = next(j["id"] for j in json.loads((out / "plan.json").read_text())["jobs"] if j["kind"] == "train")
+    assert statuses["evaluate", "lora"]["reason"] == f"upstream job {train_id} failed"
+    assert "OSError" in statuses["train", "lora"]["reason"] or "Error" in statuses["train", "lora"]["reason"]
+    assert "FAILED" in (out / "leaderboard.md").read_text()

@@ -63,9 +63,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from pefteval_harness.report.leaderboard import report
+    from pefteval_harness.report.leaderboard import collect, render
 
-    sys.stdout.write(report(args.dir, args.format))
+    sys.stdout.write(render(collect(args.dir), args.format))
     return 0
 
 
@@ -173,20 +173,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["lm-eval"]:
-        try:
-            return cmd_lm_eval(argv[1:])
-        except BadInput as e:
-            print(f"pefteval: error: {e}", file=sys.stderr)
-            return 2
-    args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
-    )
-    if not args.verbose:
-        logging.getLogger("pefteval_harness").setLevel(logging.INFO)
     try:
+        if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
+            return cmd_lm_eval(argv[1:])
+        args = parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        )
+        logging.getLogger("pefteval_harness").setLevel(logging.INFO)  # job progress, always
         return args.func(args)
     except BadInput as e:
         print(f"pefteval: error: {e}", file=sys.stderr)

@@ -111,9 +111,18 @@ def build_plan(spec: Spec) -> Plan:
     """Expand the spec into jobs; every reference and name is checked here, before anything runs."""
     plan = Plan(spec)
     base, base_deps = _base_reference(spec, plan)
-    common = {"seed": spec.seed, "trust_remote_code": spec.trust_remote_code, "include_paths": spec.include_paths}
+    finetuned = _train_jobs(spec, plan, base, base_deps)
+    merged = _merge_jobs(spec, plan, base, base_deps, finetuned)
+    _evaluate_jobs(spec, plan, base, finetuned, merged)
+    return plan
 
-    # name -> list of (train job, method) for the models each fine-tune produces
+
+def _common(spec: Spec) -> dict:
+    return {"seed": spec.seed, "trust_remote_code": spec.trust_remote_code, "include_paths": spec.include_paths}
+
+
+def _train_jobs(spec: Spec, plan: Plan, base: dict, base_deps: list[str]) -> dict[str, list[tuple[Job, str]]]:
+    """One train job per fine-tune (per task with per_task); returns name -> [(job, method name)]."""
     finetuned: dict[str, list[tuple[Job, str]]] = {}
     for name, ft in spec.finetunes.items():
         try:
@@ -127,26 +136,28 @@ def build_plan(spec: Spec) -> Plan:
                 method.peft_config(ft.config)
         except BadInput as e:
             raise BadInput(f"finetunes.{name}.config: {e}") from None
-        peft_config = None if method.is_full else {**method.defaults, **ft.config}
         settings = spec.train_settings(ft)
         where = f"finetunes.{name}.train.tasks" if "tasks" in ft.train else "train.tasks"
         tasks, versions = _tasks(settings.tasks, where, spec, training=True)
         deepspeed = ft.deepspeed or (DeepSpeedSettings() if method.is_full else None)
-        groups = [[t] for t in tasks] if ft.per_task else [tasks]
         finetuned[name] = []
-        for group in groups:
-            label = f"{name}/{group[0]}" if ft.per_task else name
+        for group in [[t] for t in tasks] if ft.per_task else [tasks]:
             config = {
-                **common,
+                **_common(spec),
                 "method": method.name,
-                "peft": peft_config,
+                "peft": None if method.is_full else {**method.defaults, **ft.config},
                 "deepspeed": deepspeed.model_dump() if deepspeed else None,
                 "train": {**settings.model_dump(), "tasks": group},
                 "task_versions": {t: versions[t] for t in group},
                 "base": base,
             }
+            label = f"{name}/{group[0]}" if ft.per_task else name
             finetuned[name].append((plan.add("train", label, config, spec.resources.train, base_deps), method.name))
+    return finetuned
 
+
+def _merge_jobs(spec, plan, base, base_deps, finetuned) -> dict[str, tuple[Job, bool]]:
+    """One merge job per merge; returns name -> (job, whether its output is an adapter)."""
     merged: dict[str, tuple[Job, bool]] = {}
     for name, merge in spec.merges.items():
         from pefteval_harness.merging import MERGE_METHODS
@@ -156,17 +167,19 @@ def build_plan(spec: Spec) -> Plan:
             known = ", ".join(MERGE_METHODS)
             raise BadInput(f"{where}.method: unknown merge method {merge.method!r} (known: {known})")
         experts = [pair for expert in merge.experts for pair in finetuned[expert]]
-        kinds = {m for _, m in experts}
+        jobs = [job for job, _ in experts]
+        kinds = sorted({method for _, method in experts})
         if len(kinds) > 1:
-            raise BadInput(f"{where}.experts: experts must come from one method, got {', '.join(sorted(kinds))}")
-        kind = kinds.pop()
+            raise BadInput(f"{where}.experts: experts must come from one method, got {', '.join(kinds)}")
+        kind = kinds[0]
         if kind not in ("full", "lora"):
             raise BadInput(f"{where}.experts: {kind} experts cannot be merged yet (full and lora can)")
         if merge.space == "factor" and kind != "lora":
             raise BadInput(f"{where}.space: factor space needs lora experts, got {kind}")
+        if merge.space == "factor" and len({json.dumps(j.config["peft"], sort_keys=True) for j in jobs}) > 1:
+            raise BadInput(f"{where}.experts: factor space needs experts with one LoRA config (rank, modules)")
         if merge.weights is not None and len(merge.weights) != len(experts):
             raise BadInput(f"{where}.weights: {len(merge.weights)} weights for {len(experts)} experts")
-        jobs = [job for job, _ in experts]
         config = {
             "method": merge.method,
             "parameters": merge.parameters,
@@ -178,25 +191,33 @@ def build_plan(spec: Spec) -> Plan:
         }
         job = plan.add("merge", name, config, spec.resources.merge, [*base_deps, *(j.id for j in jobs)])
         merged[name] = (job, kind == "lora" and merge.space == "factor")
+    return merged
 
-    evaluate = spec.evaluate
-    tasks, versions = _tasks(evaluate.tasks, "evaluate.tasks", spec)
+
+def _evaluate_jobs(spec, plan, base, finetuned, merged) -> None:
+    """One evaluate job per model: the base, each fine-tune, each merge (unless told not to)."""
+    tasks, versions = _tasks(spec.evaluate.tasks, "evaluate.tasks", spec)
     # (label, method, how lm-eval loads the model: a base and maybe an adapter)
     models: list[tuple[str, str, dict]] = []
-    if evaluate.include_base:
+    if spec.evaluate.include_base:
         models.append(("base", "base", {"base": base}))
     for name, ft in spec.finetunes.items():
-        if ft.evaluate:
-            for job, method in finetuned[name]:
-                model = {"base": {"job": job.id}} if method == "full" else {"base": base, "adapter": {"job": job.id}}
-                models.append((job.label, method, model))
+        for job, method in finetuned[name] if ft.evaluate else ():
+            model = {"base": {"job": job.id}} if method == "full" else {"base": base, "adapter": {"job": job.id}}
+            models.append((job.label, method, model))
     for name, (job, is_adapter) in merged.items():
         if spec.merges[name].evaluate:
             model = {"base": base, "adapter": {"job": job.id}} if is_adapter else {"base": {"job": job.id}}
             models.append((name, f"merge:{spec.merges[name].method}", model))
-    settings = evaluate.model_dump(exclude={"tasks", "include_base"})
+    settings = spec.evaluate.model_dump(exclude={"tasks", "include_base"})
     for label, method, model in models:
-        config = {**common, **settings, "method": method, "model": model, "tasks": tasks, "task_versions": versions}
+        config = {
+            **_common(spec),
+            **settings,
+            "method": method,
+            "model": model,
+            "tasks": tasks,
+            "task_versions": versions,
+        }
         deps = [ref["job"] for ref in model.values() if "job" in ref]
         plan.add("evaluate", label, config, spec.resources.evaluate, deps)
-    return plan

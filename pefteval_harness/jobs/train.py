@@ -145,7 +145,13 @@ def train(job: dict, store: Store) -> dict:
         )
         trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(tokenizer.pad_token_id))
         started = time.perf_counter()
-        output = trainer.train()
+        try:
+            output = trainer.train()
+        finally:
+            # ZeRO-3 leaves a process-wide flag that changes how every later model loads.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
         seconds = time.perf_counter() - started
         trainer.save_model(str(out))  # the full model, or only the adapter for a peft model
         tokenizer.save_pretrained(str(out))

@@ -1,4 +1,4 @@
-"""The leaderboard: read evaluation results from a store (or plain lm-eval results JSONs), write tables.
+"""The leaderboard: read results from a store (or plain lm-eval results JSONs), write tables.
 
 Reading is kept apart from running (the report needs nothing but the files), so a finished store can be
 re-reported anywhere, and results of a plain `lm_eval --output_path` run join the same table.
@@ -9,11 +9,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pefteval_harness.store import DONE, Store, read_json, write_atomic
+from pefteval_harness.errors import BadInput
+from pefteval_harness.store import DONE, FAILED, Store, read_json, write_atomic
 
 FORMATS = ("markdown", "csv", "json")
+CSV_FIELDS = ["model", "method", "task", "metric", "value", "stderr", "job_id", "error"]
+
+
+@dataclass
+class Report:
+    rows: list[dict] = field(default_factory=list)  # one per (model, task): the leaderboard's cells
+    costs: list[dict] = field(default_factory=list)  # one per finished train job
+    failures: list[dict] = field(default_factory=list)  # one per failed job, any kind
 
 
 def primary_metric(result: dict, task: str) -> tuple[str, float | None, float | None]:
@@ -36,10 +46,9 @@ def rows_from_result(result: dict, **model: str) -> list[dict]:
     """One row per leaf task of an lm-eval results dict (groups are skipped: they aggregate leaves)."""
     rows = []
     for task in sorted(result.get("configs") or result["results"]):
-        if task not in result["results"]:
-            continue
-        metric, value, stderr = primary_metric(result, task)
-        rows.append({**model, "task": task, "metric": metric, "value": value, "stderr": stderr})
+        if task in result["results"]:
+            metric, value, stderr = primary_metric(result, task)
+            rows.append({**model, "task": task, "metric": metric, "value": value, "stderr": stderr})
     return rows
 
 
@@ -58,92 +67,78 @@ def _plain_lm_eval_results(root: Path) -> list[tuple[Path, dict]]:
     return found
 
 
-def collect_rows(root: str | Path) -> list[dict]:
-    """Every score in a store (the jobs of its latest plan, if it has one) or in lm-eval result files."""
+def _cost(job: dict, result: dict) -> dict:
+    share = result["trainable_params"] / result["total_params"]
+    return {
+        "model": job["label"],
+        "method": result["method"],
+        "trainable params": f"{result['trainable_params']:,} ({share:.1%})",
+        "steps": result["steps"],
+        "train s": f"{result['train_seconds']:.1f}",
+        "peak RSS MB": f"{result['peak_rss_mb']:.0f}",
+        "artifact MB": f"{result['artifact_bytes'] / 2**20:.2f}",
+    }
+
+
+def collect(root: str | Path) -> Report:
+    """Everything in a store (the jobs of its latest plan, if it has one) and in lm-eval result files."""
     root = Path(root)
     if not root.is_dir():
-        from pefteval_harness.errors import BadInput
-
         raise BadInput(f"{root}: no such results folder")
-    store = Store(root)
+    store, report = Store(root), Report()
     plan_path = root / "plan.json"
     if plan_path.exists():  # the latest run's jobs, in its order (base, fine-tunes, merges)
         jobs = [(job, store.status(job["id"])) for job in read_json(plan_path)["jobs"]]
     else:
         jobs = list(store.jobs())
-    rows: list[dict] = []
     for job, status in jobs:
-        if job["kind"] != "evaluate" or status is None:
+        if status is None:
             continue
         model = {"model": job["label"], "method": job["config"].get("method", ""), "job_id": job["id"]}
-        if status["state"] == DONE:
-            rows += rows_from_result(store.result(job["id"]), **model)
-        else:
-            for task in job["config"]["tasks"]:
-                rows.append(
-                    {
-                        **model,
-                        "task": task,
-                        "metric": "",
-                        "value": None,
-                        "stderr": None,
-                        "error": status.get("reason", status["state"]),
-                    }
-                )
+        if status["state"] == FAILED:
+            report.failures.append({**model, "kind": job["kind"], "reason": status.get("reason", "")})
+        if job["kind"] == "evaluate" and status["state"] == DONE:
+            report.rows += rows_from_result(store.result(job["id"]), **model)
+        elif job["kind"] == "evaluate":
+            error = {"metric": "", "value": None, "stderr": None, "error": status.get("reason", status["state"])}
+            report.rows += [{**model, "task": task, **error} for task in job["config"]["tasks"]]
+        elif job["kind"] == "train" and status["state"] == DONE:
+            report.costs.append(_cost(job, store.result(job["id"])))
     for path, result in _plain_lm_eval_results(root):
         args = result.get("config", {}).get("model_args")
         label = result.get("model_name") or (json.dumps(args) if isinstance(args, dict) else str(args))
-        rows += rows_from_result(result, model=label, method="lm-eval", job_id=str(path.relative_to(root)))
-    return rows
+        report.rows += rows_from_result(result, model=label, method="lm-eval", job_id=str(path.relative_to(root)))
+    return report
 
 
-def to_markdown(rows: list[dict]) -> str:
-    """One row per model, one column per task (its primary metric), plus the mean over tasks."""
+def to_markdown(report: Report) -> str:
+    """One row per model, one column per task (its primary metric) and the mean; then costs, failures."""
     from tabulate import tabulate
 
-    if not rows:
+    def table(rows, headers) -> str:
+        return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+
+    if not report.rows:
         return "No results yet.\n"
-    tasks = sorted({r["task"] for r in rows})
-    metrics = {r["task"]: r["metric"] for r in rows if r["metric"]}
+    tasks = sorted({r["task"] for r in report.rows})
+    metrics = {r["task"]: r["metric"] for r in report.rows if r["metric"]}
     models: dict[str, dict] = {}
-    for r in rows:
+    for r in report.rows:
         entry = models.setdefault(r["model"], {"method": r["method"], "scores": {}})
         entry["scores"][r["task"]] = "FAILED" if r.get("error") else r["value"]
-    table = []
+    lines = []
     for name, entry in models.items():
         cells = [entry["scores"].get(t) for t in tasks]
         numbers = [c for c in cells if isinstance(c, float)]
         mean = sum(numbers) / len(numbers) if len(numbers) == len(tasks) else None
-        table.append([name, entry["method"], *(_cell(c) for c in cells), _cell(mean)])
-    headers = ["model", "method", *(f"{t} ({metrics.get(t, '?')})" for t in tasks), "average"]
-    text = tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
-    failures = sorted({(r["model"], r["error"]) for r in rows if r.get("error")})
-    if failures:
-        text += "\nFailed:\n" + "".join(f"- {model}: {error}\n" for model, error in failures)
+        lines.append([name, entry["method"], *(_cell(c) for c in cells), _cell(mean)])
+    text = table(lines, ["model", "method", *(f"{t} ({metrics.get(t, '?')})" for t in tasks), "average"])
+    if report.costs:
+        text += "\nTraining cost (wall time and memory depend on the machine):\n\n" + table(report.costs, "keys")
+    if report.failures:
+        failures = [[f["kind"], f["model"], f["job_id"], f["reason"]] for f in report.failures]
+        text += "\nFailed jobs:\n\n" + table(failures, ["kind", "model", "job id", "reason"])
     return text
-
-
-def training_costs(root: str | Path) -> list[dict]:
-    """What each fine-tune cost (from the latest plan's train jobs): the PEFT-vs-FFT trade-off."""
-    root = Path(root)
-    if not (root / "plan.json").exists():
-        return []
-    store, rows = Store(root), []
-    for job in read_json(root / "plan.json")["jobs"]:
-        if job["kind"] == "train" and store.is_done(job["id"]):
-            r = store.result(job["id"])
-            rows.append(
-                {
-                    "model": job["label"],
-                    "method": r["method"],
-                    "trainable params": f"{r['trainable_params']:,} ({r['trainable_params'] / r['total_params']:.1%})",
-                    "steps": r["steps"],
-                    "train s": f"{r['train_seconds']:.1f}",
-                    "peak RSS MB": f"{r['peak_rss_mb']:.0f}",
-                    "artifact MB": f"{r['artifact_bytes'] / 2**20:.2f}",
-                }
-            )
-    return rows
 
 
 def _cell(value) -> str:
@@ -152,33 +147,22 @@ def _cell(value) -> str:
     return value if isinstance(value, str) else f"{value:.3f}"
 
 
-def render(rows: list[dict], fmt: str, costs: list[dict] = ()) -> str:
+def render(report: Report, fmt: str) -> str:
     if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
+        return json.dumps(report.rows, indent=2) + "\n"
     if fmt == "csv":
         out = io.StringIO()
-        fields = ["model", "method", "task", "metric", "value", "stderr", "job_id", "error"]
-        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(report.rows)
         return out.getvalue()
-    text = to_markdown(rows)
-    if costs:
-        from tabulate import tabulate
-
-        text += "\nTraining cost (wall time and memory depend on the machine):\n\n"
-        text += tabulate(costs, headers="keys", tablefmt="github", disable_numparse=True) + "\n"
-    return text
-
-
-def report(root: str | Path, fmt: str) -> str:
-    return render(collect_rows(root), fmt, training_costs(root))
+    return to_markdown(report)
 
 
 def write_reports(root: str | Path) -> str:
-    """Write leaderboard.md (scores, then training costs), .csv and .json; return the markdown."""
-    rows, costs = collect_rows(root), training_costs(root)
+    """Write leaderboard.md, .csv and .json into the store; return the markdown."""
+    report = collect(root)
     for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):
-        text = render(rows, fmt, costs)
+        text = render(report, fmt)
         write_atomic(Path(root) / f"leaderboard.{suffix}", text)
     return text

@@ -1,0 +1,75 @@
+"""Train jobs on Ray: FFT through DeepSpeed ZeRO and peft methods, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pefteval_harness.plan import build_plan
+from pefteval_harness.runner import execute
+from pefteval_harness.spec import Spec
+from pefteval_harness.store import Store
+from pefteval_harness.tasks.rendering import Example
+
+
+@pytest.fixture(scope="module")
+def trained(local_ray, tmp_path_factory):
+    spec = Spec.model_validate(
+        {
+            "train": {"tasks": ["pefteval_quick_sentiment"], "max_steps": 4, "batch_size": 8},
+            "finetunes": {
+                "zero3": {"method": "full", "deepspeed": {"zero_stage": 3}},
+                "lora": {"method": "lora", "config": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
+                "dora": {"method": "dora"},
+            },
+            "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 4},
+        }
+    )
+    plan = build_plan(spec)
+    store = Store(tmp_path_factory.mktemp("train"))
+    summary = execute(plan, store, max_retries=0)
+    assert not summary.failed, summary.failed
+    jobs = {(j.kind, j.label): j.id for j in plan.jobs}
+    return store, jobs
+
+
+def test_full_finetune_with_zero3_saves_a_whole_changed_model(trained):
+    store, jobs = trained
+    base = load_file(store.artifact(jobs["base", "base"]) / "model.safetensors")
+    tuned = load_file(store.artifact(jobs["train", "zero3"]) / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    assert all(base[k].shape == tuned[k].shape for k in base)  # ZeRO-3 partitions were gathered
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    result = store.result(jobs["train", "zero3"])
+    assert result["trainable_params"] == result["total_params"] and result["steps"] == 4
+
+
+@pytest.mark.parametrize("label, key", [("lora", "lora_B"), ("dora", "lora_magnitude_vector")])
+def test_peft_methods_save_adapters_that_load_and_were_trained(trained, label, key):
+    from peft import PeftConfig
+
+    store, jobs = trained
+    adapter = store.artifact(jobs["train", label])
+    assert PeftConfig.from_pretrained(adapter).peft_type.value == "LORA"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert any(key in name for name in weights)
+    b_factors = [w for name, w in weights.items() if "lora_B" in name]
+    assert b_factors and all(b.abs().sum() > 0 for b in b_factors)  # B starts at zero: training moved it
+    result = store.result(jobs["train", label])
+    assert 0 < result["trainable_params"] < result["total_params"]
+    assert store.is_done(jobs["evaluate", label])  # lm-eval loaded base + adapter
+
+
+def test_tokenize_masks_the_prompt_and_ends_with_eos(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from pefteval_harness.jobs.train import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (row,) = tokenize([Example("Review: the film was good\nSentiment:", " positive")], tokenizer, 64)
+    n_prompt = len(tokenizer("Review: the film was good\nSentiment:")["input_ids"])
+    assert row["labels"][:n_prompt] == [-100] * n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert tokenizer.decode(row["input_ids"][n_prompt:-1]) == " positive"
+    assert row["input_ids"][-1] == tokenizer.eos_token_id

@@ -39,7 +39,8 @@ def cmd_run(args) -> int:
     from pefteval_harness.store import Store, write_atomic, write_json
 
     spec, plan = _load(args.spec)
-    output = Path(args.output or spec.output or Path("runs") / spec.name)
+    # Absolute: Ray workers (on other nodes, or in `ray job submit`'s working-dir copy) write there too.
+    output = Path(args.output or spec.output or Path("runs") / spec.name).expanduser().resolve()
     store = Store(output)
     pending = [job for job in plan.jobs if not store.is_done(job.id)]
     if args.dry_run:

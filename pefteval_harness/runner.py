@@ -29,22 +29,34 @@ class RunSummary:
 
 def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, as `ray job submit` sets), else start Ray locally."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray reads these when it is imported: set them before the import, and check that it worked.
+        os.environ.update(LOOPBACK_ENV)
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=verbose)
         return
-    for key, value in LOOPBACK_ENV.items():
-        os.environ.setdefault(key, value)
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError(
+            "ray was imported before pefteval could keep the local Ray on 127.0.0.1:"
+            " set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
+        )
     ray.init(
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         num_cpus=num_cpus,
         log_to_driver=verbose,  # the jobs' own output; Ray keeps it in its session logs either way
     )
+    addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
+    if addresses != {"127.0.0.1"}:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray bound to {addresses}, not 127.0.0.1; stopped it")
 
 
 def _remote_job(job: dict, store_root: str, *inputs) -> dict:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import textwrap
 
 import pytest
 
+from pefteval_harness.runner import LOOPBACK_ENV
 from tests.conftest import PEFTEVAL, REPO
 from tests.test_tasks import QUICK
 
@@ -15,7 +17,10 @@ MODELS = ["base", "fft", "lora", "merged"]
 
 
 def pefteval(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*PEFTEVAL, *map(str, args)], capture_output=True, text=True, cwd=REPO, **kwargs)
+    # As a user runs it: without the test suite's Ray settings, so the CLI must keep its own Ray on
+    # loopback (runner.init_ray refuses to go on otherwise).
+    env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}
+    return subprocess.run([*PEFTEVAL, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -159,13 +159,18 @@ def _train_jobs(spec: Spec, plan: Plan, base: dict, base_deps: list[str]) -> dic
 def _merge_jobs(spec, plan, base, base_deps, finetuned) -> dict[str, tuple[Job, bool]]:
     """One merge job per merge; returns name -> (job, whether its output is an adapter)."""
     merged: dict[str, tuple[Job, bool]] = {}
-    for name, merge in spec.merges.items():
-        from pefteval_harness.merging import MERGE_METHODS
+    from pefteval_harness.merging import get_method as get_merge_method
 
+    for name, merge in spec.merges.items():
         where = f"merges.{name}"
-        if merge.method not in MERGE_METHODS:
-            known = ", ".join(MERGE_METHODS)
-            raise BadInput(f"{where}.method: unknown merge method {merge.method!r} (known: {known})")
+        try:
+            method = get_merge_method(merge.method)
+        except BadInput as e:
+            raise BadInput(f"{where}.method: {e}") from None
+        try:
+            method.resolve_params(merge.parameters)
+        except BadInput as e:
+            raise BadInput(f"{where}.parameters: {e}") from None
         experts = [pair for expert in merge.experts for pair in finetuned[expert]]
         jobs = [job for job, _ in experts]
         kinds = sorted({method for _, method in experts})

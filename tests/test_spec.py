@@ -43,6 +43,8 @@ BAD = [
     (GOOD.replace("[pefteval_quick_sentiment]}", "[pefteval_quick_sentiment_adv]}"), "train.tasks: task 'pefteval_quick_sentiment_adv' has no training split"),
     (GOOD.replace("experts: ex}", "experts: [ex, exx]}"), "merges.m.experts[1]: unknown fine-tune 'exx' (known: fft, ex)"),
     (GOOD.replace("task_arithmetic", "averaging"), "merges.m.method: unknown merge method 'averaging'"),
+    (GOOD.replace("experts: ex}", "experts: ex, parameters: {lambda: 2}}"), "merges.m.parameters: merge method 'task_arithmetic': unknown parameter 'lambda' (known: scaling)"),
+    (GOOD.replace("task_arithmetic", "ties").replace("experts: ex}", "experts: ex, parameters: {density: 2}}"), "merges.m.parameters: merge parameter 'density' must be in (0, 1], got 2.0"),
     (GOOD.replace("experts: ex}", "experts: [ex, fft]}"), "merges.m.experts: experts must come from one method, got full, lora"),
     (GOOD.replace("experts: ex}", "experts: ex, weights: [1.0]}"), "merges.m.weights: 1 weights for 2 experts"),
     (GOOD.replace("experts: ex}", "experts: fft, space: factor}"), "merges.m.space: factor space needs lora experts, got full"),

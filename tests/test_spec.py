@@ -35,22 +35,64 @@ BAD = [
     ("base_model: tiny", "spec.yaml: evaluate: Field required"),
     (GOOD + "evalute: {tasks: [x]}", "spec.yaml: evalute: unknown key"),
     (GOOD.replace("method: full", "method: fulll"), "finetunes.fft.method: unknown fine-tuning method 'fulll'"),
-    (GOOD.replace("{method: full}", "{method: lora, config: {rank: 4}}"), "finetunes.fft.config: LoraConfig: got an unexpected keyword argument 'rank'"),
-    (GOOD.replace("{method: full}", "{method: full, config: {r: 4}}"), "finetunes.fft.config: full fine-tuning takes no peft config"),
-    (GOOD.replace("train: {tasks:", "train: {epochs: -1, tasks:", 1), "spec.yaml: train.epochs: Input should be greater than 0"),
-    (GOOD.replace("{method: full}", "{method: full, train: {learning_rate: fast}}"), "finetunes.fft.train.learning_rate: Input should be a valid number"),
-    (GOOD.replace("limit: 4", "limit: 4, tasks: [nope_*]").replace('tasks: ["pefteval_quick_*"], ', ""), "evaluate.tasks: no task matches 'nope_*'"),
-    (GOOD.replace("[pefteval_quick_sentiment]}", "[pefteval_quick_sentiment_adv]}"), "train.tasks: task 'pefteval_quick_sentiment_adv' has no training split"),
-    (GOOD.replace("experts: ex}", "experts: [ex, exx]}"), "merges.m.experts[1]: unknown fine-tune 'exx' (known: fft, ex)"),
+    (
+        GOOD.replace("{method: full}", "{method: lora, config: {rank: 4}}"),
+        "finetunes.fft.config: LoraConfig: got an unexpected keyword argument 'rank'",
+    ),
+    (
+        GOOD.replace("{method: full}", "{method: full, config: {r: 4}}"),
+        "finetunes.fft.config: full fine-tuning takes no peft config",
+    ),
+    (
+        GOOD.replace("train: {tasks:", "train: {epochs: -1, tasks:", 1),
+        "spec.yaml: train.epochs: Input should be greater than 0",
+    ),
+    (
+        GOOD.replace("{method: full}", "{method: full, train: {learning_rate: fast}}"),
+        "finetunes.fft.train.learning_rate: Input should be a valid number",
+    ),
+    (
+        GOOD.replace("limit: 4", "limit: 4, tasks: [nope_*]").replace('tasks: ["pefteval_quick_*"], ', ""),
+        "evaluate.tasks: no task matches 'nope_*'",
+    ),
+    (
+        GOOD.replace("[pefteval_quick_sentiment]}", "[pefteval_quick_sentiment_adv]}"),
+        "train.tasks: task 'pefteval_quick_sentiment_adv' has no training split",
+    ),
+    (
+        GOOD.replace("experts: ex}", "experts: [ex, exx]}"),
+        "merges.m.experts[1]: unknown fine-tune 'exx' (known: fft, ex)",
+    ),
     (GOOD.replace("task_arithmetic", "averaging"), "merges.m.method: unknown merge method 'averaging'"),
-    (GOOD.replace("experts: ex}", "experts: ex, parameters: {lambda: 2}}"), "merges.m.parameters: merge method 'task_arithmetic': unknown parameter 'lambda' (known: scaling)"),
-    (GOOD.replace("task_arithmetic", "ties").replace("experts: ex}", "experts: ex, parameters: {density: 2}}"), "merges.m.parameters: merge parameter 'density' must be in (0, 1], got 2.0"),
-    (GOOD.replace("experts: ex}", "experts: [ex, fft]}"), "merges.m.experts: experts must come from one method, got full, lora"),
+    (
+        GOOD.replace("experts: ex}", "experts: ex, parameters: {lambda: 2}}"),
+        "merges.m.parameters: merge method 'task_arithmetic': unknown parameter 'lambda' (known: scaling)",
+    ),
+    (
+        GOOD.replace("task_arithmetic", "ties").replace("experts: ex}", "experts: ex, parameters: {density: 2}}"),
+        "merges.m.parameters: merge parameter 'density' must be in (0, 1], got 2.0",
+    ),
+    (
+        GOOD.replace("experts: ex}", "experts: [ex, fft]}"),
+        "merges.m.experts: experts must come from one method, got full, lora",
+    ),
     (GOOD.replace("experts: ex}", "experts: ex, weights: [1.0]}"), "merges.m.weights: 1 weights for 2 experts"),
-    (GOOD.replace("experts: ex}", "experts: fft, space: factor}"), "merges.m.space: factor space needs lora experts, got full"),
-    (GOOD.replace("base_model: tiny", "base_model: ./no/such/model"), "base_model: no such model folder './no/such/model'"),
-    (GOOD.replace("base_model: tiny", "base_model: someone/not-cached"), "base_model: 'someone/not-cached' is not a local folder and not in the HF cache"),
-    (GOOD.replace("merges:\n  m:", "merges:\n  fft:"), "spec.yaml: merges.fft: the name is already used by a fine-tune or the base"),
+    (
+        GOOD.replace("experts: ex}", "experts: fft, space: factor}"),
+        "merges.m.space: factor space needs lora experts, got full",
+    ),
+    (
+        GOOD.replace("base_model: tiny", "base_model: ./no/such/model"),
+        "base_model: no such model folder './no/such/model'",
+    ),
+    (
+        GOOD.replace("base_model: tiny", "base_model: someone/not-cached"),
+        "base_model: 'someone/not-cached' is not a local folder and not in the HF cache",
+    ),
+    (
+        GOOD.replace("merges:\n  m:", "merges:\n  fft:"),
+        "spec.yaml: merges.fft: the name is already used by a fine-tune or the base",
+    ),
 ]
 
 

@@ -93,7 +93,9 @@ def test_lm_eval_cli_finds_every_plugin_task(tmp_path, tiny_model_dir, via):
     assert _lm_eval_tasks(tmp_path) == set(QUICK)
 
     # The leaderboard reads plain lm-eval results folders too.
-    board = subprocess.run([*PEFTEVAL, "leaderboard", str(tmp_path), "--format", "json"], capture_output=True, text=True)
+    board = subprocess.run(
+        [*PEFTEVAL, "leaderboard", str(tmp_path), "--format", "json"], capture_output=True, text=True
+    )
     rows = json.loads(board.stdout)
     assert sorted(r["task"] for r in rows) == QUICK
     assert all(r["method"] == "lm-eval" and str(tiny_model_dir) in r["model"] for r in rows)

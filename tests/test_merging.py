@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from pefteval_harness.errors import BadInput
 from pefteval_harness.merging import MERGE_METHODS, MergeMethod, merge_from_config, merge_models
+from tests.conftest import PEFTEVAL
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
 
@@ -563,3 +565,24 @@ def test_side_files_skip_weights(tmp_path):
         "model.safetensors",
         "tokenizer.json",
     ]
+
+
+def test_pefteval_merge_cli(tmp_path, tiny_model_dir):
+    """`pefteval merge CONFIG --out DIR` as a user runs it: the merge of a model with itself is itself."""
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"method: linear\nexperts:\n  - path: {tiny_model_dir}\n  - path: {tiny_model_dir}\n")
+    out = subprocess.run(
+        [*PEFTEVAL, "merge", str(config), "--out", str(tmp_path / "m")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    original = load_file(tiny_model_dir / "model.safetensors")
+    assert merged.keys() == original.keys() and all(torch.allclose(merged[k], original[k]) for k in merged)
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+    config.write_text("method: linear\nexperts: nope\n")
+    bad = subprocess.run(
+        [*PEFTEVAL, "merge", str(config), "--out", str(tmp_path / "m2")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "merge.yaml: experts" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "m2").exists()

@@ -107,3 +107,17 @@ def test_pefteval_lm_eval_refuses_a_second_include_path(tmp_path):
         [*PEFTEVAL, "lm-eval", "--include_path", str(tmp_path), "--tasks", "x"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "--include_path" in out.stderr
+
+
+def test_tiny_model_cli_writes_a_loadable_model_deterministically(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = subprocess.run([*PEFTEVAL, "tiny-model", "--out", str(tmp_path / "tiny")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "tiny" / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
+    assert model.config.model_type == "llama" and tokenizer("the film was good")["input_ids"]
+    again = subprocess.run([*PEFTEVAL, "tiny-model", "--out", str(tmp_path / "tiny")], capture_output=True, text=True)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr

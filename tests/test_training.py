@@ -14,9 +14,10 @@ from pefteval_harness.tasks.rendering import Example
 
 
 @pytest.fixture(scope="module")
-def trained(local_ray, tmp_path_factory):
+def trained(local_ray, tmp_path_factory, tiny_model_dir):
     spec = Spec.model_validate(
         {
+            "base_model": str(tiny_model_dir),  # a local model folder, as users name their own
             "train": {"tasks": ["pefteval_quick_sentiment"], "max_steps": 4, "batch_size": 8},
             "finetunes": {
                 "zero3": {"method": "full", "deepspeed": {"zero_stage": 3}},
@@ -34,9 +35,10 @@ def trained(local_ray, tmp_path_factory):
     return store, jobs
 
 
-def test_full_finetune_with_zero3_saves_a_whole_changed_model(trained):
+def test_full_finetune_with_zero3_saves_a_whole_changed_model(trained, tiny_model_dir):
     store, jobs = trained
-    base = load_file(store.artifact(jobs["base", "base"]) / "model.safetensors")
+    assert ("base", "base") not in jobs  # a local base is used in place, not rebuilt
+    base = load_file(tiny_model_dir / "model.safetensors")
     tuned = load_file(store.artifact(jobs["train", "zero3"]) / "model.safetensors")
     assert base.keys() == tuned.keys()
     assert all(base[k].shape == tuned[k].shape for k in base)  # ZeRO-3 partitions were gathered

@@ -61,6 +61,18 @@ def run(cmd: list[str], env: dict, log_dir: Path) -> tuple[float, float, float]:
     return wall, start_epoch, start_epoch + wall
 
 
+def leftovers(marker: Path) -> list[int]:
+    """Processes whose command line names `marker` (the private Ray folder of one run): Ray left them."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(marker).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def leaf_tasks() -> list[str]:
     """The quickstart spec's `evaluate.tasks`, expanded to leaf task names as pefteval's plan does."""
     import yaml
@@ -138,23 +150,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="lm-eval batch size (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each tool (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each tool first (default 1)")
+    p.add_argument(
+        "--eval-cpus",
+        type=int,
+        default=1,
+        help="torch threads of both evaluations (default 1): pefteval's resources.evaluate.num_cpus, from which"
+        " Ray sets OMP_NUM_THREADS in the job, and OMP_NUM_THREADS for both tools",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp folder (model, logs, outputs)")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be at least 1 and --warmup at least 0")
+    if args.repeats < 1 or args.warmup < 0 or args.eval_cpus < 1:
+        p.error("--repeats and --eval-cpus must be at least 1, --warmup at least 0")
+    if args.eval_cpus > (os.cpu_count() or 1):  # the local Ray would keep the job pending for ever
+        p.error(f"--eval-cpus: this machine has {os.cpu_count()} CPUs")
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # pefteval must start its own Ray
     env.update(OFFLINE)
     os.environ.update(OFFLINE)
+    # Same torch threads in both: Ray gives a job OMP_NUM_THREADS = its num_cpus (1 by default) while plain
+    # lm_eval uses every core; on a busy 2-core machine that alone made lm_eval's evaluation 3-5x slower.
+    env["OMP_NUM_THREADS"] = str(args.eval_cpus)
     pefteval, lm_eval = tool("pefteval"), tool("lm_eval")
     # Short: Ray puts unix sockets under it (RAY_TMPDIR/ray/session_*/sockets, 107 characters at most).
     tmp = Path(tempfile.mkdtemp(prefix="pfb-", dir="/tmp" if Path("/tmp").is_dir() else None))
+    if args.keep:
+        print(f"temp       {tmp} (kept: --keep)")
     try:
         return _bench(args, env, pefteval, lm_eval, tmp)
     finally:
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
+        if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -174,6 +198,8 @@ def _bench(args, env: dict, pefteval: str, lm_eval: str, tmp: Path) -> int:
         f"  limit: {args.limit}\n"
         f"  batch_size: {args.batch_size}\n"
         f"  bootstrap_iters: {BOOTSTRAP_ITERS}\n"
+        "resources:\n"
+        f"  evaluate: {{num_cpus: {args.eval_cpus}}}\n"
     )
     baseline_cmd = [
         lm_eval, "--model", "hf", "--model_args", f"pretrained={model}", "--include_path", include_path,
@@ -188,7 +214,12 @@ def _bench(args, env: dict, pefteval: str, lm_eval: str, tmp: Path) -> int:
     print(f"           bootstrap_iters {BOOTSTRAP_ITERS} (pefteval: from the spec; lm_eval CLI: its fixed default)")
     print(f"baseline   {' '.join(baseline_cmd)} --output_path OUT")
     print(f"candidate  {' '.join(candidate_cmd)} --output OUT   (RAY_ADDRESS unset, a private RAY_TMPDIR)")
+    print(
+        f"threads    OMP_NUM_THREADS={args.eval_cpus} for both (pefteval: resources.evaluate.num_cpus"
+        f" {args.eval_cpus} too); --eval-cpus N to change"
+    )
     print(f"runs       {args.warmup} untimed + {args.repeats} timed of each, alternating; {os.cpu_count()} CPUs")
+    print(f"load       {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min) before the runs")
     print(flush=True)
 
     walls: dict[str, list[float]] = {"lm_eval": [], "pefteval": []}
@@ -210,9 +241,12 @@ def _bench(args, env: dict, pefteval: str, lm_eval: str, tmp: Path) -> int:
                     [*candidate_cmd, "--output", str(out)], {**env, "RAY_TMPDIR": str(ray_tmp)}, rep / "logs"
                 )
                 split, result = candidate_phases(out, rep / "logs" / "stderr", ray_tmp, start, end)
+                if pids := leftovers(ray_tmp):
+                    print(f"  warning: Ray processes of this run still alive after pefteval exited: {pids}")
             found[name] = result
-            label = "timed " if timed else "warmup"
-            print(f"  {label} {i - args.warmup + 1 if timed else i + 1}  {name:<8}  {wall:6.2f} s", flush=True)
+            label = f"timed  {i - args.warmup + 1}" if timed else f"warmup {i + 1}"
+            parts = " | ".join(f"{k} {v:.2f}" for k, v in split.items())
+            print(f"  {label}  {name:<8} {wall:6.2f} s  [{parts}]  load {os.getloadavg()[0]:.1f}", flush=True)
             if timed:
                 walls[name].append(wall)
                 phases[name].append(split)
@@ -235,7 +269,10 @@ def _bench(args, env: dict, pefteval: str, lm_eval: str, tmp: Path) -> int:
                 rows.append([name, key, what, f"{statistics.median(values):.2f}"])
     print(table(rows, ["tool", "phase", "what", "median s"]))
     outside = {n: statistics.median(w) - statistics.median(s["evaluate"] for s in phases[n]) for n, w in walls.items()}
-    print(f"\ntime outside simple_evaluate: lm_eval {outside['lm_eval']:.2f} s, pefteval {outside['pefteval']:.2f} s")
+    print(
+        f"\ntime outside simple_evaluate (median wall - median evaluate): lm_eval {outside['lm_eval']:.2f} s,"
+        f" pefteval {outside['pefteval']:.2f} s"
+    )
     same = found["lm_eval"] == found["pefteval"]
     print(f"same scores from both tools (last runs): {'yes' if same else 'NO: they did not do the same work'}")
     if not same:

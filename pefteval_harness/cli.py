@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from pefteval_harness.errors import BadInput
+from pefteval_harness.report.leaderboard import FORMATS
 
-log = logging.getLogger("pefteval")
+log = logging.getLogger(__name__)
 
 
 def _load(spec_path: str):
@@ -148,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="print the leaderboard of a results folder")
     board.add_argument("dir")
-    board.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
+    board.add_argument("--format", choices=FORMATS, default="markdown")
     board.set_defaults(func=cmd_leaderboard)
 
     tasks = sub.add_parser("tasks", help="the plugin's lm-eval tasks")

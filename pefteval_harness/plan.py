@@ -179,6 +179,8 @@ def _merge_jobs(spec, plan, base, base_deps, finetuned) -> dict[str, tuple[Job, 
         kind = kinds[0]
         if kind not in ("full", "lora"):
             raise BadInput(f"{where}.experts: {kind} experts cannot be merged yet (full and lora can)")
+        if kind == "lora" and any(job.config["peft"].get("use_dora") for job in jobs):
+            raise BadInput(f"{where}.experts: DoRA experts cannot be merged yet")
         if merge.space == "factor" and kind != "lora":
             raise BadInput(f"{where}.space: factor space needs lora experts, got {kind}")
         if merge.space == "factor" and len({json.dumps(j.config["peft"], sort_keys=True) for j in jobs}) > 1:

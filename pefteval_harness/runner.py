@@ -93,8 +93,8 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
         refs[job.id] = remote.options(**options).remote(job.to_dict(), str(store.root), *inputs)
         log.info("submitted %s (%s %s)", job.id, job.kind, job.label)
 
-    by_ref = {ref: next(j for j in plan.jobs if j.id == job_id) for job_id, ref in refs.items()}
-    waiting = list(refs.values())
+    by_ref = {refs[job.id]: job for job in plan.jobs if job.id in refs}
+    waiting = list(refs.values())  # in plan order: ray.wait returns an upstream failure before its dependants
     while waiting:
         (ref,), waiting = ray.wait(waiting, num_returns=1)
         job = by_ref[ref]
@@ -104,9 +104,12 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
             log.info("done %s %s (%d left)", job.kind, job.label, len(waiting))
         except Exception as e:  # any failure of a job is recorded, never dropped
             failed_inputs = [d for d in job.deps if d in summary.failed]
-            reason = f"upstream job {failed_inputs[0]} failed" if failed_inputs else _cause(e)
+            if failed_inputs:
+                reason, attempts = f"upstream job {failed_inputs[0]} failed", 0
+            else:
+                reason, attempts = _cause(e), max_retries + 1
             summary.failed[job.id] = reason
-            store.record(job.to_dict(), FAILED, reason=reason, attempts=max_retries + 1)
+            store.record(job.to_dict(), FAILED, reason=reason, attempts=attempts)
             log.error("FAILED %s %s: %s", job.kind, job.label, reason)
     return summary
 

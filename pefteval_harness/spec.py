@@ -37,7 +37,9 @@ class TrainSettings(_Strict):
     limit: int | None = Field(None, ge=1, description="at most this many training docs per task")
     warmup: float = Field(0.0, ge=0, description="warm-up steps, or a fraction of all steps if below 1")
     weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: str = "linear"
+    lr_scheduler: Literal[  # transformers' SchedulerType names
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "linear"
 
 
 class DeepSpeedSettings(_Strict):

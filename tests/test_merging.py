@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import re
 import subprocess
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

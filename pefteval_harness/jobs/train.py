@@ -147,13 +147,13 @@ def train(job: dict, store: Store) -> dict:
         started = time.perf_counter()
         try:
             output = trainer.train()
+            seconds = time.perf_counter() - started
+            trainer.save_model(str(out))  # the full model (ZeRO-3 gathers it), or only a peft adapter
         finally:
             # ZeRO-3 leaves a process-wide flag that changes how every later model loads.
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
-        seconds = time.perf_counter() - started
-        trainer.save_model(str(out))  # the full model, or only the adapter for a peft model
         tokenizer.save_pretrained(str(out))
         shutil.rmtree(out / "trainer", ignore_errors=True)
         artifact_bytes = _directory_bytes(out)

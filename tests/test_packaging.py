@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -63,3 +64,12 @@ def test_wheel_ships_every_module_and_task_file(tmp_path):
 def test_lm_eval_tasks_entry_point_points_at_the_task_folder():
     (entry,) = [e for e in importlib.metadata.entry_points(group="lm_eval.tasks") if e.name == "pefteval"]
     assert entry.load()() == REPO / "task_configs"
+
+
+def test_a_bare_source_tree_finds_its_task_folder(tmp_path):
+    """As in a Ray job's uploaded working_dir: the checkout on sys.path, no install at all."""
+    shutil.copytree(REPO / "pefteval_harness", tmp_path / "pefteval_harness")
+    shutil.copytree(REPO / "task_configs", tmp_path / "task_configs")
+    code = "from pefteval_harness.tasks import task_configs_path as p; print(p())"
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert Path(out.stdout.strip()) == tmp_path / "task_configs", out.stderr

@@ -9,9 +9,14 @@ from pathlib import Path
 def task_configs_path() -> Path:
     """The folder of task YAMLs: `task_configs/` in a checkout, `pefteval_harness/task_configs` in a wheel.
 
-    Both resolve through the import system (an editable install maps the package to the checkout).
+    Both resolve through the import system (an editable install maps the package to the checkout). A
+    source tree imported without any install (a Ray job's uploaded working_dir) has the folder beside
+    the package.
     """
-    return Path(str(resources.files("pefteval_harness.task_configs")))
+    try:
+        return Path(str(resources.files("pefteval_harness.task_configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "task_configs"
 
 
 def task_manager(include_paths: list[str | Path] = (), include_defaults: bool = False):

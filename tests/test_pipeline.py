@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import textwrap
 
@@ -16,10 +17,12 @@ from tests.test_tasks import QUICK
 MODELS = ["base", "fft", "lora", "merged"]
 
 
-def pefteval(*args, **kwargs) -> subprocess.CompletedProcess:
+def pefteval(*args, hf_home=None, **kwargs) -> subprocess.CompletedProcess:
     # As a user runs it: without the test suite's Ray settings, so the CLI must keep its own Ray on
     # loopback (runner.init_ray refuses to go on otherwise).
     env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}
+    if hf_home:
+        env["HF_HOME"] = str(hf_home)
     return subprocess.run([*PEFTEVAL, *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, **kwargs)
 
 
@@ -116,3 +119,18 @@ def test_failures_are_recorded_with_their_reason_and_exit_1(tmp_path, tiny_model
     assert statuses["evaluate", "lora"]["reason"] == f"upstream job {train_id} failed"
     assert "OSError" in statuses["train", "lora"]["reason"] or "Error" in statuses["train", "lora"]["reason"]
     assert "FAILED" in (out / "leaderboard.md").read_text()
+
+
+def test_a_hub_id_base_model_loads_from_the_hf_cache(tmp_path, tiny_model_dir):
+    """`base_model: org/name` works as with HF: offline, from the local HF cache (here one we fill)."""
+    revision = "0" * 40
+    cache = tmp_path / "hf" / "hub" / "models--someone--tiny"
+    shutil.copytree(tiny_model_dir, cache / "snapshots" / revision)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(revision)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("base_model: someone/tiny\nevaluate: {tasks: [pefteval_quick_sentiment], limit: 4}\n")
+    run = pefteval("run", spec, "--output", tmp_path / "out", timeout=600, hf_home=tmp_path / "hf")
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads(pefteval("leaderboard", tmp_path / "out", "--format", "json").stdout)
+    assert row["model"] == "base" and isinstance(row["value"], float)

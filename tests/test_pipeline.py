@@ -129,8 +129,16 @@ def test_a_hub_id_base_model_loads_from_the_hf_cache(tmp_path, tiny_model_dir):
     (cache / "refs").mkdir()
     (cache / "refs" / "main").write_text(revision)
     spec = tmp_path / "spec.yaml"
-    spec.write_text("base_model: someone/tiny\nevaluate: {tasks: [pefteval_quick_sentiment], limit: 4}\n")
+    spec.write_text(
+        textwrap.dedent("""
+            base_model: someone/tiny
+            train: {tasks: [pefteval_quick_sentiment, pefteval_quick_topic], max_steps: 2}
+            finetunes: {ex: {method: lora, per_task: true, evaluate: false}}
+            merges: {m: {method: task_arithmetic, experts: ex}}
+            evaluate: {tasks: [pefteval_quick_sentiment], limit: 4}
+        """)
+    )
     run = pefteval("run", spec, "--output", tmp_path / "out", timeout=600, hf_home=tmp_path / "hf")
     assert run.returncode == 0, run.stderr[-3000:]
-    (row,) = json.loads(pefteval("leaderboard", tmp_path / "out", "--format", "json").stdout)
-    assert row["model"] == "base" and isinstance(row["value"], float)
+    rows = json.loads(pefteval("leaderboard", tmp_path / "out", "--format", "json").stdout)
+    assert [r["model"] for r in rows] == ["base", "m"] and all(isinstance(r["value"], float) for r in rows)

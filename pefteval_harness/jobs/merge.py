@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from pefteval_harness.jobs import model_path
 from pefteval_harness.store import Store
 
 
 def merge(job: dict, store: Store) -> dict:
-    import shutil
-    from pathlib import Path
-
     from pefteval_harness.merging import merge_models
 
     config = job["config"]
+    base = Path(model_path(config["base"], store))
+    if not base.is_dir():  # a hub id: the engine streams from local files (the HF cache)
+        from huggingface_hub import snapshot_download
+
+        base = Path(snapshot_download(str(base)))
     out = store.artifact(job["id"])
     if out.exists():  # left by an attempt that died before its status was written
         shutil.rmtree(out)
@@ -20,7 +25,7 @@ def merge(job: dict, store: Store) -> dict:
         method=config["method"],
         experts=[store.artifact(expert) for expert in config["experts"]],
         out_dir=out,
-        base=Path(model_path(config["base"], store)),
+        base=base,
         weights=config["weights"],
         params=config["parameters"],
         space=config["space"],

@@ -36,25 +36,25 @@ def resolve_tasks(patterns: list[str], include_paths: list[str | Path] = ()) -> 
     A pattern that matches no plugin task is looked up in lm-eval's built-in tasks; one that matches
     nothing anywhere raises KeyError naming it. Group and tag names expand to their leaf tasks.
     """
-    import fnmatch
-
     needs_defaults = False
     manager = task_manager(include_paths)
     names: list[str] = []
     for pattern in patterns:
-        matched = _leaves(manager, pattern, fnmatch.filter)
+        matched = _leaves(manager, pattern)
         if not matched and not needs_defaults:
             needs_defaults = True
             manager = task_manager(include_paths, include_defaults=True)
-            matched = _leaves(manager, pattern, fnmatch.filter)
+            matched = _leaves(manager, pattern)
         if not matched:
             raise KeyError(pattern)
         names += [n for n in matched if n not in names]
     return names, needs_defaults
 
 
-def _leaves(manager, pattern: str, match) -> list[str]:
-    leaves = match(manager.all_subtasks, pattern)
+def _leaves(manager, pattern: str) -> list[str]:
+    import fnmatch
+
+    leaves = fnmatch.filter(manager.all_subtasks, pattern)
     if leaves or pattern not in manager.all_tasks:
         return sorted(leaves)
     return sorted(manager.load([pattern])["tasks"])  # a group or tag: its leaf tasks

@@ -10,6 +10,9 @@ to train one expert per task and merge them:
 - topic (three-way classification),
 - arithmetic (reasoning with a numeric answer, generated),
 - echo (generation: repeat a short word sequence).
+
+Job ids hash the task YAMLs, not this module: after changing a generator, bump `metadata.version` in
+the YAMLs of the tasks it feeds, so that stored results of the old data are not reused.
 """
 
 from __future__ import annotations

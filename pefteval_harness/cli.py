@@ -50,7 +50,7 @@ def cmd_run(args) -> int:
         return 0
 
     write_atomic(output / "spec.yaml", Path(args.spec).read_text())
-    write_json(output / "plan.json", {"spec_hash": spec.fingerprint(), "jobs": [j.to_dict() for j in plan.jobs]})
+    write_json(output / "plan.json", {"spec_hash": plan.spec_hash, "jobs": [j.to_dict() for j in plan.jobs]})
     summary = runner.RunSummary(skipped=[j.id for j in plan.jobs if j not in pending])
     if pending:
         log.info("%d of %d jobs to run, results in %s", len(pending), len(plan.jobs), output)

@@ -39,12 +39,15 @@ class Plan:
     spec: Spec
     jobs: list[Job] = field(default_factory=list)  # in dependency order
 
+    def __post_init__(self) -> None:
+        self.spec_hash = self.spec.fingerprint()
+
     def add(self, kind: str, label: str, config: dict, resources: JobResources, deps=()) -> Job:
         identity = json.dumps(
             {"kind": kind, "label": label, "config": config, "versions": numeric_versions()}, sort_keys=True
         )
         job_id = f"{kind}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-        job = Job(job_id, kind, label, tuple(deps), resources.model_dump(), config, self.spec.fingerprint())
+        job = Job(job_id, kind, label, tuple(deps), resources.model_dump(), config, self.spec_hash)
         self.jobs.append(job)
         return job
 
@@ -91,15 +94,14 @@ def _base_reference(spec: Spec, plan: Plan) -> tuple[dict, list[str]]:
 
 def _tasks(patterns: list[str], where: str, spec: Spec, training: bool = False):
     """Resolve task names or globs to (names, {name: config version}); training tasks need a train split."""
-    from pefteval_harness.tasks import resolve_tasks, task_manager, task_version
+    from pefteval_harness.tasks import resolve_tasks, task_version
 
     if not patterns:
         raise BadInput(f"{where}: no tasks given")
     try:
-        names, needs_defaults = resolve_tasks(patterns, spec.include_paths)
+        names, manager = resolve_tasks(patterns, spec.include_paths)
     except KeyError as e:
         raise BadInput(f"{where}: no task matches {e.args[0]!r} (see `pefteval tasks list`)") from None
-    manager = task_manager(spec.include_paths, include_defaults=needs_defaults)
     for name in names if training else ():
         config = manager.task_index[name].cfg
         if config is not None and not config.get("training_split"):

@@ -34,10 +34,13 @@ def test_task_folder_is_the_checkout_in_an_editable_install():
 
 
 def test_globs_groups_and_unknown_names_resolve():
-    assert resolve_tasks(["pefteval_*"]) == (QUICK, False)
+    names, manager = resolve_tasks(["pefteval_*"])
+    assert names == QUICK and "arc_easy" not in manager.task_index  # lm-eval's built-ins not indexed
     assert resolve_tasks(["pefteval-quick"])[0] == QUICK  # the group expands to its leaves
     with pytest.raises(KeyError):
         resolve_tasks(["pefteval_quick_nope"])
+    names, manager = resolve_tasks(["pefteval_quick_topic", "arc_easy"])  # lm-eval's own tasks work too
+    assert names == ["pefteval_quick_topic", "arc_easy"] and "arc_easy" in manager.task_index
 
 
 def test_tasks_list_cli_shows_family_and_metrics():

@@ -30,25 +30,24 @@ def task_manager(include_paths: list[str | Path] = (), include_defaults: bool = 
     return TaskManager(include_path=paths, include_defaults=include_defaults)
 
 
-def resolve_tasks(patterns: list[str], include_paths: list[str | Path] = ()) -> tuple[list[str], bool]:
-    """Expand names and globs to leaf task names; (names, whether lm-eval's built-ins were needed).
+def resolve_tasks(patterns: list[str], include_paths: list[str | Path] = ()):
+    """Expand names and globs to leaf task names; returns (names, the TaskManager that knows them).
 
-    A pattern that matches no plugin task is looked up in lm-eval's built-in tasks; one that matches
-    nothing anywhere raises KeyError naming it. Group and tag names expand to their leaf tasks.
+    A pattern that matches no plugin task is looked up in lm-eval's built-in tasks too (indexing them
+    takes seconds, so only then); one that matches nothing anywhere raises KeyError naming it. Group and
+    tag names expand to their leaf tasks.
     """
-    needs_defaults = False
-    manager = task_manager(include_paths)
+    manager, with_defaults = task_manager(include_paths), False
     names: list[str] = []
     for pattern in patterns:
         matched = _leaves(manager, pattern)
-        if not matched and not needs_defaults:
-            needs_defaults = True
-            manager = task_manager(include_paths, include_defaults=True)
+        if not matched and not with_defaults:
+            manager, with_defaults = task_manager(include_paths, include_defaults=True), True
             matched = _leaves(manager, pattern)
         if not matched:
             raise KeyError(pattern)
         names += [n for n in matched if n not in names]
-    return names, needs_defaults
+    return names, manager
 
 
 def _leaves(manager, pattern: str) -> list[str]:

@@ -27,7 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 PEFTEVAL = str(BIN / "pefteval")

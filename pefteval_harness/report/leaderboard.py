@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +55,13 @@ def rows_from_result(result: dict, **model: str) -> list[dict]:
 
 def _plain_lm_eval_results(root: Path) -> list[tuple[Path, dict]]:
     """lm-eval results JSONs under `root` that are not a store's own files."""
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d != "jobs"]  # a store's job folders: never walked
+        paths += [Path(folder) / f for f in files if f.endswith(".json")]
     found = []
-    for path in sorted(root.rglob("*.json")):
-        if "jobs" in path.relative_to(root).parts or path.name in ("plan.json", "leaderboard.json"):
+    for path in sorted(paths):
+        if path.name in ("plan.json", "leaderboard.json"):
             continue
         try:
             data = read_json(path)

@@ -79,8 +79,7 @@ def leaf_tasks() -> list[str]:
 
     from pefteval_harness.tasks import resolve_tasks
 
-    names, _ = resolve_tasks(yaml.safe_load(QUICKSTART.read_text())["evaluate"]["tasks"])
-    return names
+    return resolve_tasks(yaml.safe_load(QUICKSTART.read_text())["evaluate"]["tasks"]).names
 
 
 def scores(results: dict) -> dict[str, float]:

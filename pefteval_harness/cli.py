@@ -1,6 +1,6 @@
-"""`pefteval`: run, plan, leaderboard, tasks, lm-eval, merge, tiny-model.
+"""`pefteval`: run, plan, leaderboard, tasks, methods, lm-eval, merge, tiny-model.
 
-Exit codes (DESIGN.md): 0 success; 2 bad input (spec, config, arguments: one line, no traceback,
+Exit codes: 0 success; 2 bad input (spec, config, arguments: one line, no traceback,
 nothing written); 1 a runtime failure, after which the store is consistent and a rerun resumes.
 """
 
@@ -37,11 +37,12 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from pefteval_harness import runner
     from pefteval_harness.report.leaderboard import write_reports
-    from pefteval_harness.store import Store, write_atomic, write_json
+    from pefteval_harness.store import Store, check_store_schema, write_atomic, write_json
 
     spec, plan = _load(args.spec)
     # Absolute: Ray workers (on other nodes, or in `ray job submit`'s working-dir copy) write there too.
     output = Path(args.output or spec.output or Path("runs") / spec.name).expanduser().resolve()
+    check_store_schema(output)
     store = Store(output)
     pending = [job for job in plan.jobs if not store.is_done(job.id)]
     if args.dry_run:
@@ -50,7 +51,7 @@ def cmd_run(args) -> int:
         return 0
 
     write_atomic(output / "spec.yaml", Path(args.spec).read_text())
-    write_json(output / "plan.json", {"spec_hash": plan.spec_hash, "jobs": [j.to_dict() for j in plan.jobs]})
+    write_json(output / "plan.json", plan.to_json())
     summary = runner.RunSummary(skipped=[j.id for j in plan.jobs if j not in pending])
     if pending:
         log.info("%d of %d jobs to run, results in %s", len(pending), len(plan.jobs), output)
@@ -93,6 +94,34 @@ def cmd_tasks(args) -> int:
     if not rows:
         raise BadInput(f"--family: no tasks in family {args.family!r}")
     print(tabulate(rows, headers=["task", "family", "output_type", "metrics", "train split"], tablefmt="github"))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    """Every registered fine-tuning and merge method, with its parameters and defaults."""
+    from tabulate import tabulate
+
+    from pefteval_harness.finetuning import FINETUNE_METHODS
+    from pefteval_harness.merging import describe_methods
+
+    if args.kind in (None, "finetune"):
+        rows = []
+        for method in FINETUNE_METHODS.values():
+            d = method.describe()
+            params = ", ".join(f"{k}={v}" for k, v in d["defaults"].items()) or "-"
+            if d["peft_config"]:
+                params += f" (any peft {d['peft_config']} field)"
+            rows.append([d["name"], d["produces"], d["adapter_family"] or "-", params, d["description"]])
+        print("Fine-tuning methods (finetunes.<name>.method; parameters go under config:)\n")
+        print(tabulate(rows, headers=["method", "produces", "adapter family", "parameters", "description"],
+                       tablefmt="github"))
+    if args.kind in (None, "merge"):
+        rows = []
+        for d in describe_methods():
+            params = "; ".join(f"{p['name']}: {p['type']} = {p['default']}" for p in d["parameters"]) or "-"
+            rows.append([d["name"], params, d["description"]])
+        print("\nMerge methods (merges.<name>.method; parameters go under parameters:)\n")
+        print(tabulate(rows, headers=["method", "parameters (type = default)", "description"], tablefmt="github"))
     return 0
 
 
@@ -158,6 +187,10 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--family", help="only this family (its folder under task_configs/)")
     tasks_sub.add_parser("path", help="print the task folder, for lm_eval --include_path")
     tasks.set_defaults(func=cmd_tasks)
+
+    methods = sub.add_parser("methods", help="list the fine-tuning and merge methods with their parameters")
+    methods.add_argument("kind", nargs="?", choices=["finetune", "merge"], help="only this kind")
+    methods.set_defaults(func=cmd_methods)
 
     # Listed for --help only: main() hands everything after `lm-eval` to lm-eval's own parser.
     sub.add_parser("lm-eval", help="lm-eval's own CLI (same flags) with the plugin's tasks added")

@@ -27,20 +27,28 @@ def numeric_versions() -> dict[str, str | None]:
     return {"pefteval_harness": __version__, **{p: package_version(p) for p in NUMERIC_PACKAGES}}
 
 
-@cache
-def git_sha() -> str | None:
-    """The commit of the pefteval checkout this code runs from, if it runs from one."""
+def _git(args: list[str], cwd: Path) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@cache
+def source_revision() -> dict | None:
+    """The commit of the pefteval checkout this code runs from, with a dirty flag; None when installed.
+
+    Only pefteval's own repository counts: a package installed inside a user's repository (a venv in
+    their project) must not record the user's commit, so the git top level must be the package's parent.
+    """
+    package = Path(__file__).resolve().parent
+    top = _git(["rev-parse", "--show-toplevel"], package)
+    if top is None or Path(top).resolve() != package.parent:
+        return None
+    sha = _git(["rev-parse", "HEAD"], package)
+    changes = _git(["status", "--porcelain", "--", "pefteval_harness", "task_configs", "pyproject.toml"], package)
+    return {"sha": sha, "dirty": bool(changes)} if sha else None
 
 
 def hardware() -> dict:
@@ -55,11 +63,11 @@ def hardware() -> dict:
     }
 
 
-def provenance(job: dict) -> dict:
+def provenance(job) -> dict:
     return {
-        "job_id": job["id"],
-        "spec_hash": job.get("spec_hash"),
-        "git_sha": git_sha(),
+        "job_id": job.id,
+        "spec_hash": job.spec_hash,
+        "source": source_revision(),
         "packages": {**numeric_versions(), "ray": package_version("ray")},
         "hardware": hardware(),
     }

@@ -1,23 +1,31 @@
-"""Execution on Ray: every job not already done in the store becomes a Ray task with its resources.
+"""Execution on Ray: the driver walks the plan's DAG and submits each job once its inputs are done.
 
-Dependencies flow through Ray (a job's task receives its inputs' object refs), failed jobs are retried
-`max_retries` times by Ray, then recorded in the store as failed with the reason; jobs downstream of a
-failure are recorded as failed with the upstream job named. Nothing finished is ever run again.
+- A job whose result is in the store is never run again; a job another live run holds (its claim in
+  the store) is waited for, not run twice.
+- Ready evaluation jobs of one model (same model, batch size and resources) go to one worker, which
+  loads the model once; each job is still recorded on its own.
+- A failed job is retried up to `max_retries` times unless its failure is deterministic (bad input);
+  then it is recorded as failed with its reason and class, and every job downstream of it as failed
+  because of it. Ray itself retries a worker that dies (`max_retries` on the task).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
+from pefteval_harness.jobs.types import Job
 from pefteval_harness.plan import Plan
-from pefteval_harness.store import FAILED, Store
+from pefteval_harness.store import DONE, FAILED, Store, new_run_id
 
 log = logging.getLogger(__name__)
 
-# Local Ray stays on loopback (ENVIRONMENT.md): Ray otherwise binds the machine's network address.
+# Local Ray stays on loopback: Ray otherwise binds the machine's network address, and token
+# authentication (on by default in Ray 2.60) is pointless for a Ray only this process uses.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+POLL_SECONDS = 2.0  # how often the driver looks at jobs another run is doing
 
 
 @dataclass
@@ -28,7 +36,11 @@ class RunSummary:
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = False) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS, as `ray job submit` sets), else start Ray locally."""
+    """Join the cluster at `address` (or RAY_ADDRESS, as `ray job submit` sets); else start a new local Ray.
+
+    A plain run never joins a Ray it was not told about: `address="local"` starts a fresh one even when
+    the machine's Ray temp folder names another (possibly dead) cluster. `--address auto` joins that one.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Ray reads these when it is imported: set them before the import, and check that it worked.
@@ -48,6 +60,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
             " set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
         )
     ray.init(
+        address="local",
         _node_ip_address="127.0.0.1",
         include_dashboard=False,
         num_cpus=num_cpus,
@@ -59,58 +72,148 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
         raise RuntimeError(f"the local Ray bound to {addresses}, not 127.0.0.1; stopped it")
 
 
-def _remote_job(job: dict, store_root: str, *inputs) -> dict:
-    """The body of every Ray task. `inputs` are the upstream jobs' statuses: Ray waits for them."""
-    from pefteval_harness.jobs import run_job
+def _batch_key(job: Job) -> str | None:
+    """Evaluations that one worker can run on one loaded model share a key; other jobs run alone."""
+    if job.kind != "evaluate":
+        return None
+    return job.config.model.model_dump_json() + str(job.config.settings.batch_size) + job.resources.model_dump_json()
 
-    return run_job(job, Store(store_root))
+
+class _Heartbeat:
+    """Keeps this run's claims fresh while it works, so other runs know it is alive."""
+
+    def __init__(self, store: Store, owner: str, held: set[str]):
+        self.store, self.owner, self.held = store, owner, held
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(20):
+            self.store.refresh_claims(sorted(self.held), self.owner)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for job_id in list(self.held):
+            self.store.release(job_id, self.owner)
 
 
 def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
-    """Run the plan's pending jobs on the connected Ray cluster; return what ran, skipped and failed."""
+    """Run the plan's pending jobs on the connected Ray cluster; return what ran, was skipped and failed."""
     import ray
 
-    # A fresh worker process per job: training sets process-wide state (torch.distributed, DeepSpeed
+    from pefteval_harness.jobs import run_batch
+    from pefteval_harness.numerics import NUMERICS_ENV
+
+    # A fresh worker process per task: training sets process-wide state (torch.distributed, DeepSpeed
     # environment), and the peak memory a job records is then its own.
-    remote = ray.remote(max_calls=1)(_remote_job)
+    remote = ray.remote(max_calls=1)(run_batch)
     summary = RunSummary()
-    refs: dict[str, ray.ObjectRef] = {}
+    owner = new_run_id()
+    state: dict[str, str] = {}  # job id -> done | failed (settled jobs only)
+    attempts: dict[str, int] = {}
+    in_flight: dict[ray.ObjectRef, list[Job]] = {}
+    elsewhere: set[str] = set()  # held by another live run: waited for
+    held: set[str] = set()
+
     for job in plan.jobs:
         if store.is_done(job.id):
+            state[job.id] = DONE
             summary.skipped.append(job.id)
-            continue
-        res = job.resources
-        options = dict(
-            num_cpus=res["num_cpus"],
-            num_gpus=res["num_gpus"],
-            max_retries=max_retries,
-            retry_exceptions=True,
-            name=f"{job.kind}:{job.label}",
-        )
-        if res.get("memory_gb"):
-            options["memory"] = int(res["memory_gb"] * 2**30)
-        inputs = [refs[d] for d in job.deps if d in refs]
-        refs[job.id] = remote.options(**options).remote(job.to_dict(), str(store.root), *inputs)
-        log.info("submitted %s (%s %s)", job.id, job.kind, job.label)
 
-    by_ref = {refs[job.id]: job for job in plan.jobs if job.id in refs}
-    waiting = list(refs.values())  # in plan order: ray.wait returns an upstream failure before its dependants
-    while waiting:
-        (ref,), waiting = ray.wait(waiting, num_returns=1)
-        job = by_ref[ref]
-        try:
-            ray.get(ref)
-            summary.ran.append(job.id)
-            log.info("done %s %s (%d left)", job.kind, job.label, len(waiting))
-        except Exception as e:  # any failure of a job is recorded, never dropped
-            failed_inputs = [d for d in job.deps if d in summary.failed]
-            if failed_inputs:
-                reason, attempts = f"upstream job {failed_inputs[0]} failed", 0
-            else:
-                reason, attempts = _cause(e), max_retries + 1
-            summary.failed[job.id] = reason
-            store.record(job.to_dict(), FAILED, reason=reason, attempts=attempts)
-            log.error("FAILED %s %s: %s", job.kind, job.label, reason)
+    def fail(job: Job, outcome: dict) -> None:
+        state[job.id] = FAILED
+        summary.failed[job.id] = outcome["reason"]
+        store.record(
+            job.model_dump(mode="json"),
+            FAILED,
+            reason=outcome["reason"],
+            error_class=outcome["error_class"],
+            attempts=attempts.get(job.id, 0),
+        )
+        log.error("FAILED %s %s: %s", job.kind, job.label, outcome["reason"])
+
+    def submit(batch: list[Job]) -> None:
+        for job in batch:
+            attempts[job.id] = attempts.get(job.id, 0) + 1
+        res = batch[0].resources
+        options = dict(
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+            max_retries=max_retries,  # the worker process died: Ray runs the task again
+            name=f"{batch[0].kind}:{batch[0].label}" + (f" ({len(batch)} tasks)" if len(batch) > 1 else ""),
+            runtime_env={"env_vars": NUMERICS_ENV},
+        )
+        if res.memory_gb:
+            options["memory"] = int(res.memory_gb * 2**30)
+        threads = max(1, int(res.num_cpus))
+        ref = remote.options(**options).remote([j.model_dump(mode="json") for j in batch], str(store.root), threads)
+        in_flight[ref] = batch
+        log.info("submitted %s %s", batch[0].kind, ", ".join(j.id for j in batch))
+
+    with _Heartbeat(store, owner, held):
+        while True:
+            # Settle what upstream failures decide, then submit every job whose inputs are done.
+            batches: dict[str | None, list[Job]] = {}
+            running = {j.id for batch in in_flight.values() for j in batch}
+            for job in plan.jobs:
+                if job.id in state or job.id in running:
+                    continue
+                failed_inputs = [d for d in job.deps if state.get(d) == FAILED]
+                if failed_inputs:
+                    fail(job, {"reason": f"upstream job {failed_inputs[0]} failed", "error_class": "upstream"})
+                    continue
+                if not all(state.get(d) == DONE for d in job.deps):
+                    continue
+                if store.is_done(job.id):  # another run finished it
+                    state[job.id] = DONE
+                    summary.skipped.append(job.id)
+                    elsewhere.discard(job.id)
+                    continue
+                if not store.claim(job.id, owner):
+                    if job.id not in elsewhere:
+                        log.info("%s %s is being run by another run; waiting for it", job.kind, job.label)
+                    elsewhere.add(job.id)
+                    continue
+                elsewhere.discard(job.id)
+                held.add(job.id)
+                key = _batch_key(job)
+                batches.setdefault(key or job.id, []).append(job)
+            for batch in batches.values():
+                submit(batch)
+            if not in_flight and not elsewhere:
+                break
+            if not in_flight:  # only jobs of another run left: look again in a moment
+                threading.Event().wait(POLL_SECONDS)
+                continue
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS if elsewhere else None)
+            for ref in ready:
+                batch = in_flight.pop(ref)
+                try:
+                    outcomes = ray.get(ref)
+                except Exception as e:  # the worker died every time Ray tried it
+                    outcomes = {j.id: {"state": FAILED, "reason": _cause(e), "error_class": "error",
+                                       "retryable": False} for j in batch}
+                retry = []
+                for job in batch:
+                    outcome = outcomes[job.id]
+                    if outcome["state"] == DONE:
+                        state[job.id] = DONE
+                        summary.ran.append(job.id)
+                        log.info("done %s %s %s", job.kind, job.label, getattr(job.config, "task", ""))
+                    elif outcome.get("retryable") and attempts[job.id] <= max_retries:
+                        log.warning("retrying %s %s: %s", job.kind, job.label, outcome["reason"])
+                        retry.append(job)
+                    else:
+                        fail(job, outcome)
+                    if job.id in state:
+                        store.release(job.id, owner)
+                        held.discard(job.id)
+                if retry:
+                    submit(retry)
     return summary
 
 

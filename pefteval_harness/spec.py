@@ -1,8 +1,10 @@
-"""The experiment spec: one YAML file, validated up front into typed objects.
+"""The experiment spec: one YAML file, validated once, up front, into typed objects.
 
-Everything that can be checked without running anything is checked here (schema, method names and their
-hyperparameters, merge methods, task names, expert references), so that a bad spec fails before any job
-starts, with one line naming the file, the key path and what was expected.
+Everything that can be checked without looking at tasks or models is checked here: the schema, every
+method's parameters (peft validates fine-tuning configs, each merge method its typed parameters), names
+and references, whether experts can be merged, and relative paths (resolved against the spec's folder).
+The plan then only expands the spec. Any problem is one line naming the file, the key path and what was
+expected.
 """
 
 from __future__ import annotations
@@ -10,60 +12,51 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from pefteval_harness.config_io import at, error_message, load_mapping, validate
 from pefteval_harness.errors import BadInput
+from pefteval_harness.jobs.types import DeepSpeedSettings, EvaluateSettings, Resources, TrainSettings, _Frozen
+from pefteval_harness.merging.config import MergeSettings
 
 TINY = "tiny"
+BASE_LABEL = "base"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _resolve(path: str, info: ValidationInfo) -> Path:
+    """A path from the spec: relative ones are relative to the spec's folder (the `root` in the context)."""
+    p = Path(path).expanduser()
+    root = (info.context or {}).get("root")
+    return p if p.is_absolute() or root is None else Path(root) / p
 
 
-class TrainSettings(_Strict):
-    """How a fine-tune is trained. Set once under `train:` and overridden per fine-tune."""
-
-    tasks: list[str] = Field(default_factory=list, description="task names or globs; their training splits")
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: run all epochs)")
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(16, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_length: int = Field(128, ge=8, description="longest training sequence, in tokens")
-    limit: int | None = Field(None, ge=1, description="at most this many training docs per task")
-    warmup: float = Field(0.0, ge=0, description="warm-up steps, or a fraction of all steps if below 1")
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: Literal[  # transformers' SchedulerType names
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
-    ] = "linear"
-
-
-class DeepSpeedSettings(_Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    # Extra keys merged into the generated DeepSpeed config (as DeepSpeed names them).
-    config: dict[str, Any] = Field(default_factory=dict)
-
-
-class FinetuneSpec(_Strict):
+class FinetuneSpec(_Frozen):
     method: str
-    config: dict[str, Any] = Field(default_factory=dict, description="the peft config's own fields")
+    config: dict[str, Any] = Field(default_factory=dict, description="the method's parameters (peft config fields)")
     deepspeed: DeepSpeedSettings | None = None
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the top-level train:")
     per_task: bool = Field(False, description="one fine-tune per training task (experts to merge)")
     evaluate: bool = True
 
+    @model_validator(mode="after")
+    def _method_and_params(self) -> FinetuneSpec:
+        from pefteval_harness.finetuning import get_method
 
-class MergeSpec(_Strict):
-    method: str
+        try:
+            method = get_method(self.method)
+        except BadInput as e:
+            raise at("method", str(e)) from None
+        try:
+            object.__setattr__(self, "config", method.resolve_params(self.config))  # frozen: set once, here
+        except BadInput as e:
+            raise at("config", str(e)) from None
+        return self
+
+
+class MergeSpec(MergeSettings):
     experts: list[str] = Field(min_length=1, description="fine-tune names; a per_task name means all of them")
-    weights: list[float] | None = None
-    space: Literal["delta_w", "factor"] = "delta_w"
-    parameters: dict[str, Any] = Field(default_factory=dict)
     evaluate: bool = True
 
     @field_validator("experts", mode="before")
@@ -72,29 +65,47 @@ class MergeSpec(_Strict):
         return [v] if isinstance(v, str) else v
 
 
-class EvaluateSpec(_Strict):
-    tasks: list[str] = Field(min_length=1, description="task names or globs")
-    limit: int | float | None = Field(None, gt=0)
-    num_fewshot: int | None = Field(None, ge=0)
-    batch_size: int | str = 8
-    bootstrap_iters: int = Field(100000, ge=0)
+class EvaluateSpec(EvaluateSettings):
+    """Evaluation settings for every task, and overrides for tasks matching a name or glob."""
+
+    tasks: list[str] = Field(min_length=1, description="task names, globs or groups")
     include_base: bool = True
+    per_task: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="task name or glob -> settings that differ for those tasks"
+    )
+
+    @model_validator(mode="after")
+    def _overrides_are_settings(self) -> EvaluateSpec:
+        for pattern in self.per_task:
+            self.settings_for(pattern)
+        return self
+
+    def settings_for(self, task: str) -> EvaluateSettings:
+        """This task's settings: the defaults, then every matching per_task entry in order."""
+        import fnmatch
+
+        settings = self.model_dump(include=set(EvaluateSettings.model_fields))
+        for pattern, overrides in self.per_task.items():
+            if fnmatch.fnmatchcase(task, pattern):
+                unknown = sorted(set(overrides) - set(EvaluateSettings.model_fields))
+                if unknown:
+                    raise at(f"per_task.{pattern}.{unknown[0]}", "unknown setting")
+                settings.update(overrides)
+        try:
+            return EvaluateSettings.model_validate(settings)
+        except ValidationError as e:
+            where, msg = error_message(e)
+            raise at(f"per_task.{where}", f"{msg} (for task {task})") from None
 
 
-class JobResources(_Strict):
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    memory_gb: float | None = Field(None, gt=0)
-
-
-class ResourcesSpec(_Strict):
-    train: JobResources = JobResources()
-    merge: JobResources = JobResources()
-    evaluate: JobResources = JobResources()
+class ResourcesSpec(_Frozen):
+    train: Resources = Resources()
+    merge: Resources = Resources()
+    evaluate: Resources = Resources()
     max_retries: int = Field(1, ge=0, description="retries of a failed job before it is recorded as failed")
 
 
-class Spec(_Strict):
+class Spec(_Frozen):
     name: str = ""
     base_model: str = TINY
     trust_remote_code: bool = False
@@ -107,25 +118,73 @@ class Spec(_Strict):
     evaluate: EvaluateSpec
     resources: ResourcesSpec = ResourcesSpec()
 
+    @field_validator("include_paths")
+    @classmethod
+    def _task_folders_exist(cls, paths: list[str], info: ValidationInfo) -> list[str]:
+        resolved = []
+        for i, path in enumerate(paths):
+            folder = _resolve(path, info).resolve()
+            if not folder.is_dir():
+                raise at(f"[{i}]", f"no such task folder {path!r} ({folder})")
+            resolved.append(str(folder))
+        return resolved
+
+    @field_validator("base_model")
+    @classmethod
+    def _local_base_is_absolute(cls, name: str, info: ValidationInfo) -> str:
+        path = _resolve(name, info)
+        return str(path.resolve()) if name != TINY and path.exists() else name
+
+    @field_validator("output")
+    @classmethod
+    def _output_is_absolute(cls, output: str | None, info: ValidationInfo) -> str | None:
+        return None if output is None else str(_resolve(output, info).resolve())
+
     @model_validator(mode="after")
-    def _references_resolve(self) -> Spec:
+    def _names_and_references(self) -> Spec:
         for name, finetune in self.finetunes.items():
+            if name == BASE_LABEL:
+                raise at(f"finetunes.{name}", f"the name {BASE_LABEL!r} is taken by the base model's row")
             try:
                 self.train_settings(finetune)
             except ValidationError as e:
-                err = e.errors()[0]
-                raise ValueError(f"finetunes.{name}.train.{_loc(err['loc'])}: {err['msg']}") from None
-        for name in self.merges:
-            if name in self.finetunes or name == "base":
-                raise ValueError(f"merges.{name}: the name is already used by a fine-tune or the base")
+                where, msg = error_message(e)
+                raise at(f"finetunes.{name}.train.{where}", msg) from None
         for name, merge in self.merges.items():
+            if name in self.finetunes or name == BASE_LABEL:
+                raise at(f"merges.{name}", "the name is already used by a fine-tune or the base")
             for i, expert in enumerate(merge.experts):
                 if expert not in self.finetunes:
-                    raise ValueError(
-                        f"merges.{name}.experts[{i}]: unknown fine-tune {expert!r}"
-                        f" (known: {', '.join(self.finetunes) or 'none'})"
-                    )
+                    known = ", ".join(self.finetunes) or "none"
+                    raise at(f"merges.{name}.experts[{i}]", f"unknown fine-tune {expert!r} (known: {known})")
+            self._check_mergeable(name, merge)
         return self
+
+    def _check_mergeable(self, name: str, merge: MergeSpec) -> None:
+        """The merge engine's own rules, asked of what the experts' methods will produce."""
+        from pefteval_harness.finetuning import get_method
+        from pefteval_harness.merging import ADAPTER_FAMILIES, check_adapters
+
+        methods = {expert: get_method(self.finetunes[expert].method) for expert in merge.experts}
+        produced = sorted({m.produces for m in methods.values()})
+        if len(produced) > 1:
+            raise at(f"merges.{name}.experts", "experts must all be full models or all adapters")
+        if produced == ["model"]:
+            if merge.space == "factor":
+                raise at(f"merges.{name}.space", "factor space needs adapter experts, these are full models")
+            return
+        for expert, method in methods.items():
+            if method.adapter_family not in ADAPTER_FAMILIES:
+                raise at(
+                    f"merges.{name}.experts",
+                    f"{expert} ({method.name}) adapters cannot be merged"
+                    f" (mergeable adapter families: {', '.join(ADAPTER_FAMILIES)})",
+                )
+        configs = [methods[e].adapter_config(self.finetunes[e].config) for e in merge.experts]
+        try:
+            check_adapters(configs, merge.space, list(merge.experts))
+        except BadInput as e:
+            raise at(f"merges.{name}.experts", str(e)) from None
 
     def train_settings(self, finetune: FinetuneSpec) -> TrainSettings:
         return TrainSettings.model_validate({**self.train.model_dump(), **finetune.train})
@@ -136,34 +195,9 @@ class Spec(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _loc(loc: tuple) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path or "(top level)"
-
-
 def load_spec(path: str | Path) -> tuple[Spec, Path]:
     """Read and validate a spec file; any problem is a one-line BadInput naming the file and key path."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such spec file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise BadInput(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(raw, dict):
-        raise BadInput(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    try:
-        spec = Spec.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if not err["loc"]:  # a whole-spec check: its message names the key path itself
-            raise BadInput(f"{path}: {msg}") from None
-        raise BadInput(f"{path}: {_loc(err['loc'])}: {msg}") from None
+    raw = load_mapping(path, "spec")
+    spec = validate(Spec, raw, path, context={"root": path.resolve().parent})
     return (spec if spec.name else spec.model_copy(update={"name": path.stem})), path

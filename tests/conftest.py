@@ -18,7 +18,8 @@ os.environ.update(
     TRANSFORMERS_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
     DS_ACCELERATOR="cpu",
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps Ray's node on 127.0.0.1 (ENVIRONMENT.md)
+    # Keeps Ray's node on 127.0.0.1 (Ray 2.60 otherwise binds the machine's network address).
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     RAY_AUTH_MODE="disabled",
 )
 os.environ.pop("RAY_ADDRESS", None)  # tests start their own loopback Ray, never join another

@@ -1,10 +1,12 @@
 """The merge engine and its methods: numbers against hand-worked and in-memory references, peft round trips,
-every bad input, atomic output, YAML configs. Models are a tiny Llama built here; no mocks, no network."""
+typed parameters, per-tensor seeding, sharded output, every bad input, atomic output, YAML recipes and the
+shared adapter rules. Models are a tiny Llama built here; no mocks, no network."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import subprocess
@@ -15,7 +17,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pefteval_harness.errors import BadInput
-from pefteval_harness.merging import MERGE_METHODS, MergeMethod, merge_from_config, merge_models
+from pefteval_harness.merging import (
+    ADAPTER_FAMILIES,
+    MERGE_METHODS,
+    MergeMethod,
+    MergeSettings,
+    check_adapters,
+    describe_methods,
+    load_recipe,
+    merge_from_config,
+    merge_models,
+    tensor_generator,
+)
 from tests.conftest import PEFTEVAL
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}
@@ -115,7 +128,7 @@ def test_rht_hand_worked_example():
 
 
 def _rht_reference(taus: list[torch.Tensor], weights: list[float], rho: float) -> torch.Tensor:
-    """CATALOGUE.md §3 written out entry by entry."""
+    """RHT's definition written out entry by entry."""
     w = [x / sum(weights) for x in weights]
     trimmed = []
     for t in taus:
@@ -166,7 +179,7 @@ def test_ties_properties():
     assert kept.sum() == 10 and torch.allclose(merged[kept], tau[kept])
     assert tau[kept].abs().min() >= tau[~kept].abs().max()
     # Defaults documented: density 0.7, scaling 1.
-    assert dict(ties.defaults) == {"density": 0.7, "scaling": 1.0}
+    assert ties.validate_params({}).model_dump() == {"density": 0.7, "scaling": 1.0}
     assert torch.equal(ties([tau, -tau * 0.5]), ties([tau, -tau * 0.5], density=0.7, scaling=1.0))
 
 
@@ -182,8 +195,14 @@ def test_linear_and_task_arithmetic_methods():
     [
         (lambda: merge_models(method="slerp", experts=[Path("x")], out_dir=Path("y")), "'slerp'.*known: linear"),
         (lambda: MERGE_METHODS["ties"]([torch.ones(2)], lambda_=1), "unknown parameter 'lambda_'.*density, scaling"),
-        (lambda: MERGE_METHODS["rht"]([torch.ones(2)], density="high"), "'density' must be a number"),
-        (lambda: MERGE_METHODS["rht"]([torch.ones(2)], density=1.5), "'density' must be in"),
+        (lambda: MERGE_METHODS["rht"]([torch.ones(2)], density="high"), "parameter 'density': .* valid number"),
+        (lambda: MERGE_METHODS["rht"]([torch.ones(2)], density=True), "parameter 'density': .* valid number"),
+        (lambda: MERGE_METHODS["rht"]([torch.ones(2)], density=math.nan), "parameter 'density': .* finite number"),
+        (
+            lambda: MERGE_METHODS["ties"]([torch.ones(2)], density=1.5),
+            "^merge method 'ties': parameter 'density': Input should be less than or equal to 1$",
+        ),
+        (lambda: MERGE_METHODS["ties"]([torch.ones(2)], scaling=math.inf), "parameter 'scaling': .* finite"),
         (lambda: MERGE_METHODS["linear"]([torch.ones(2)] * 2, [1, -1]), "sum to 0"),
     ],
 )
@@ -462,14 +481,14 @@ def test_out_dir_must_be_empty_and_output_is_atomic(tmp_path, monkeypatch):
 
     calls = []
 
-    def fails_on_third_tensor(tensors, weights):
+    def fails_on_third_tensor(tensors, weights, params, ctx):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("boom")
         return tensors[0]
 
     # A newcomer's method is one registry entry; this one fails halfway through the merge.
-    monkeypatch.setitem(MERGE_METHODS, "halfway", MergeMethod("halfway", fails_on_third_tensor, {}, "fails"))
+    monkeypatch.setitem(MERGE_METHODS, "halfway", MergeMethod("halfway", fails_on_third_tensor, description="fails"))
     parent = tmp_path / "outputs"
     parent.mkdir()
     with pytest.raises(RuntimeError, match="boom"):
@@ -478,7 +497,9 @@ def test_out_dir_must_be_empty_and_output_is_atomic(tmp_path, monkeypatch):
     # An existing empty out_dir is fine.
     (parent / "merged").mkdir()
     calls.clear()
-    monkeypatch.setitem(MERGE_METHODS, "halfway", MergeMethod("halfway", lambda ts, ws: ts[0], {}, "copies"))
+    monkeypatch.setitem(
+        MERGE_METHODS, "halfway", MergeMethod("halfway", lambda ts, ws, p, ctx: ts[0], description="copies")
+    )
     merge_models(method="halfway", experts=[expert], base=base, out_dir=parent / "merged")
     assert sorted(p.name for p in parent.iterdir()) == ["merged"]
     assert torch.equal(load_file(str(parent / "merged" / "model.safetensors"))["w4"], torch.full((3,), 5.0))
@@ -519,22 +540,33 @@ def test_merge_from_config_round_trip_with_relative_paths(tmp_path, monkeypatch)
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("method: [unclosed\n", r"merge.yaml: malformed YAML: .* at line 2"),
-        ("method: linear\nexperts: [{path: a}]\nseed: 3\n", r"merge.yaml: seed: unknown key \(known: method"),
+        ("method: [unclosed\n", r"merge.yaml:2: not valid YAML"),
+        ("method: linear\nexperts: [{path: a}]\nsead: 3\n", "^merge.yaml: sead: unknown key$"),
         (
             "method: linear\nexperts:\n  - path: a\n  - path: b\n    weight: x\n",
-            "^" + re.escape("merge.yaml: experts[1].weight: expected a number, got 'x'") + "$",
+            "^" + re.escape("merge.yaml: experts[1].weight: Input should be a valid number") + "$",
         ),
+        ("method: linear\nexperts: [{path: a, weight: .inf}]\n", r"experts\[0\].weight: Input should be a finite"),
         ("method: linear\nexperts: [{path: a, wieght: 1}]\n", r"merge.yaml: experts\[0\].wieght: unknown key"),
-        ("method: linear\nexperts: [{weight: 1}]\n", r"merge.yaml: experts\[0\].path: expected a string, got nothing"),
-        ("method: linear\nexperts: a\n", "merge.yaml: experts: expected a non-empty list, got 'a'"),
-        ("experts: [{path: a}]\n", "merge.yaml: method: expected a string, got nothing"),
+        ("method: linear\nexperts: [{weight: 1}]\n", r"merge.yaml: experts\[0\].path: Field required"),
+        ("method: linear\nexperts: a\n", "merge.yaml: experts: Input should be a valid list"),
+        ("method: linear\nexperts: []\n", "merge.yaml: experts: List should have at least 1 item"),
+        ("experts: [{path: a}]\n", "merge.yaml: method: Field required"),
         ("method: dare\nexperts: [{path: a}]\n", "merge.yaml: method: unknown merge method 'dare' .known: linear"),
         (
             "method: ties\nparameters: {k: 1}\nexperts: [{path: a}]\n",
-            "merge.yaml: parameters: .* unknown parameter 'k'",
+            re.escape("merge.yaml: parameters: merge method 'ties': unknown parameter 'k' (known: density, scaling)"),
         ),
-        ("method: ties\nspace: weights\nexperts: [{path: a}]\n", "merge.yaml: space: expected one of delta_w, factor"),
+        (
+            "method: ties\nparameters: {density: 0}\nexperts: [{path: a}]\n",
+            "^merge.yaml: parameters: merge method 'ties': parameter 'density': Input should be greater than 0$",
+        ),
+        ("method: ties\nparameters: {scaling: .nan}\nexperts: [{path: a}]\n", "'scaling': Input should be a finite"),
+        ("method: ties\nspace: weights\nexperts: [{path: a}]\n", "merge.yaml: space: Input should be 'delta_w' or"),
+        ("method: linear\nweights: [1]\nexperts: [{path: a, weight: 2}]\n", "merge.yaml: weights: .* not both"),
+        ("method: linear\nweights: [1, 2]\nexperts: [{path: a}]\n", "merge.yaml: weights: 2 weights for 1 experts"),
+        ("method: linear\nexperts: [{path: a}, {path: b, weight: -1}]\n", "merge.yaml: experts: .* sum to 0"),
+        ("method: linear\nseed: 1.5\nexperts: [{path: a}]\n", "merge.yaml: seed: Input should be a valid integer"),
         ("- method\n", "merge.yaml: expected a mapping"),
     ],
 )
@@ -547,7 +579,7 @@ def test_merge_config_errors(tmp_path, monkeypatch, text, message):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(BadInput, match="nope.yaml: cannot read"):
+    with pytest.raises(BadInput, match="nope.yaml: no such merge config file"):
         merge_from_config(tmp_path / "nope.yaml", tmp_path / "out")
 
 
@@ -583,3 +615,181 @@ def test_pefteval_merge_cli(tmp_path, tiny_model_dir):
     )
     assert bad.returncode == 2 and "merge.yaml: experts" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "m2").exists()
+
+
+# --- typed parameters, seeding, sharding, shared settings and adapter rules --------------------------------
+
+
+def test_unknown_parameter_message_and_resolved_defaults():
+    with pytest.raises(BadInput) as info:
+        MERGE_METHODS["ties"].validate_params({"lambda_": 1})
+    assert str(info.value) == "merge method 'ties': unknown parameter 'lambda_' (known: density, scaling)"
+    with pytest.raises(BadInput, match=r"^merge method 'linear': unknown parameter 'scaling' \(known: none\)$"):
+        MERGE_METHODS["linear"].validate_params({"scaling": 1})
+    params = MERGE_METHODS["ties"].validate_params({"density": 1})  # an int is a number; stored as float
+    assert params.density == 1.0 and isinstance(params.density, float) and params.scaling == 1.0
+
+
+def test_describe_methods_lists_every_method_and_its_parameters():
+    from typing import Literal
+
+    from pydantic import Field
+
+    from pefteval_harness.merging.methods import MethodParams
+
+    described = {d["name"]: d for d in describe_methods()}
+    assert list(described) == list(MERGE_METHODS)
+    for name, method in MERGE_METHODS.items():
+        d = described[name]
+        assert d["description"] and d["version"] == method.version >= 1
+        assert (d["needs_base"], d["normalise_weights"]) == (method.needs_base, method.normalise_weights)
+        assert [p["name"] for p in d["parameters"]] == list(method.params.model_fields)
+        assert all(p["description"] for p in d["parameters"])
+    assert described["linear"]["parameters"] == []
+    density = {p["name"]: p for p in described["ties"]["parameters"]}["density"]
+    assert density["type"] == "float in (0, 1]" and density["default"] == 0.7
+
+    class Params(MethodParams):
+        rescale: bool = Field(True, description="b")
+        mode: Literal["sum", "mean"] = Field("sum", description="m")
+        k: int = Field(2, ge=1, description="k")
+
+    custom = MergeMethod("custom", lambda ts, ws, p, ctx: ts[0], Params, "custom").describe()
+    assert [(p["type"], p["default"]) for p in custom["parameters"]] == [
+        ("bool", True),
+        ("one of sum|mean", "sum"),
+        ("int >= 1", 2),
+    ]
+
+
+def test_tensor_generator_depends_on_seed_and_name_only():
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+
+    def draws(order, seed=0):
+        return {n: torch.rand(4, generator=tensor_generator(seed, n)) for n in order}
+
+    forward, backward = draws(names), draws(names[::-1])
+    assert all(torch.equal(forward[n], backward[n]) for n in names)
+    assert not torch.equal(forward[names[0]], forward[names[1]])
+    assert not torch.equal(forward[names[0]], draws(names, seed=1)[names[0]])
+    # A stable hash, not Python's salted hash(): another process with another hash seed draws the same.
+    code = (
+        "import torch; from pefteval_harness.merging import tensor_generator as g;"
+        " print(torch.rand(4, generator=g(0, 'lm_head.weight')).tolist())"
+    )
+    other = subprocess.run(
+        [PEFTEVAL[0], "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"}
+    )
+    assert other.returncode == 0, other.stderr
+    assert json.loads(other.stdout) == forward["lm_head.weight"].tolist()
+
+
+def test_random_method_result_per_tensor_ignores_other_tensors(tmp_path, monkeypatch):
+    def noise(tensors, weights, params, ctx):
+        return torch.rand(tensors[0].shape, generator=ctx.generator)
+
+    monkeypatch.setitem(MERGE_METHODS, "noise", MergeMethod("noise", noise, needs_base=False))
+    both = _folder(tmp_path / "both", {"a": torch.zeros(3), "b": torch.zeros(5)})
+    only_b = _folder(tmp_path / "only_b", {"b": torch.zeros(5)})
+
+    def merged(expert, out, seed):
+        return load_file(
+            str(merge_models(method="noise", experts=[expert], out_dir=tmp_path / out, seed=seed) / "model.safetensors")
+        )
+
+    x, y, z = merged(both, "x", 5), merged(only_b, "y", 5), merged(both, "z", 6)
+    assert torch.equal(x["b"], y["b"]) and not torch.equal(x["a"][:3], x["b"][:3])
+    assert not torch.equal(x["b"], z["b"])
+    assert json.loads((tmp_path / "x" / "merge_config.json").read_text())["seed"] == 5
+
+
+def test_sharded_output_loads_and_equals_single_file(tmp_path, base, full_experts, lora_experts):
+    from transformers import AutoModelForCausalLM
+
+    for name, kwargs in {
+        "full": {"experts": full_experts, "params": {"density": 0.5}},
+        "lora": {"experts": lora_experts, "weights": [1, 2]},
+    }.items():
+        single = merge_models(method="ties", base=base, out_dir=tmp_path / f"{name}_single", **kwargs)
+        sharded = merge_models(
+            method="ties", base=base, out_dir=tmp_path / f"{name}_sharded", max_shard_bytes=20_000, **kwargs
+        )
+        shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+        assert len(shards) > 2 and not (sharded / "model.safetensors").exists()
+        assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        index = json.loads((sharded / "model.safetensors.index.json").read_text())
+        want = load_file(str(single / "model.safetensors"))
+        assert sorted(index["weight_map"]) == sorted(want) and set(index["weight_map"].values()) == set(shards)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
+        for shard in shards:  # a shard exceeds the limit only when it holds one tensor
+            tensors = load_file(str(sharded / shard))
+            assert len(tensors) == 1 or sum(t.numel() * t.element_size() for t in tensors.values()) <= 20_000
+        got = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
+        expected = AutoModelForCausalLM.from_pretrained(single).state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
+        assert not list(tmp_path.glob(".*partial*")) and not list(sharded.glob(".*"))
+    with pytest.raises(BadInput, match="max_shard_bytes must be a positive integer"):
+        merge_models(method="ties", base=base, experts=full_experts, out_dir=tmp_path / "x", max_shard_bytes=0)
+
+
+def test_check_adapters_takes_saved_configs_and_peft_to_dict(lora_experts):
+    from peft import AdaLoraConfig, LoraConfig
+
+    assert ADAPTER_FAMILIES == ("lora",)
+    saved = json.loads((lora_experts[0] / "adapter_config.json").read_text())
+    planned = LoraConfig(**{**LORA, "target_modules": ["v_proj", "q_proj"]}).to_dict()  # a set, a PeftType
+    assert isinstance(planned["target_modules"], set)
+    check_adapters([saved, planned], "factor", ["saved", "planned"])
+    everything = LoraConfig(**{**LORA, "target_modules": "all-linear"}).to_dict()
+    check_adapters([saved, everything], "delta_w", ["saved", "all"])  # shapes may differ in delta_w space
+    with pytest.raises(BadInput, match=r"^all: target_modules='all-linear' differs from saved \(\['q_proj', 'v_proj'"):
+        check_adapters([saved, everything], "factor", ["saved", "all"])
+    wider = LoraConfig(**{**LORA, "r": 8}).to_dict()
+    with pytest.raises(BadInput, match="^wide: r=8 differs from saved .*use space delta_w"):
+        check_adapters([saved, wider], "factor", ["saved", "wide"])
+    dora = LoraConfig(**LORA, use_dora=True).to_dict()
+    with pytest.raises(BadInput, match="^dora: use_dora=True adapters are not supported by the merge engine yet$"):
+        check_adapters([saved, dora], "delta_w", ["saved", "dora"])
+    adalora = AdaLoraConfig(target_modules=["q_proj"], total_step=10).to_dict()
+    with pytest.raises(BadInput, match="^ada: peft_type 'ADALORA' cannot be merged"):
+        check_adapters([adalora], "delta_w", ["ada"])
+
+
+def test_merge_settings_embed_and_resolve():
+    from pydantic import BaseModel, Field
+
+    from pefteval_harness.config_io import validate
+
+    settings = MergeSettings(method="rht", weights=[1, 2])
+    assert settings.parameters == {"density": 0.7} and settings.space == "delta_w" and settings.seed is None
+    with pytest.raises(Exception, match="frozen"):
+        settings.method = "ties"
+
+    class Embedded(MergeSettings):  # as the experiment spec embeds it
+        experts: list[str] = Field(min_length=1)
+        evaluate: bool = True
+
+    class Spec(BaseModel):
+        merges: dict[str, Embedded]
+
+    spec = validate(Spec, {"merges": {"m": {"method": "ties", "experts": ["a"], "parameters": {"scaling": 2}}}}, "s")
+    assert spec.merges["m"].parameters == {"density": 0.7, "scaling": 2.0}
+    bad = {"merges": {"m": {"method": "ties", "experts": ["a"], "parameters": {"density": 2}}}}
+    with pytest.raises(BadInput) as info:
+        validate(Spec, bad, "spec.yaml")
+    assert str(info.value) == (
+        "spec.yaml: merges.m.parameters: merge method 'ties': parameter 'density':"
+        " Input should be less than or equal to 1"
+    )
+    with pytest.raises(BadInput, match=r"^s: merges.m.weights\[1\]: Input should be a finite number$"):
+        validate(Spec, {"merges": {"m": {"method": "ties", "experts": ["a"], "weights": [1, math.inf]}}}, "s")
+
+
+def test_load_recipe_top_level_weights_seed_and_base(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "method: linear\nbase_model: models/base\nweights: [1, 3]\nseed: 7\nexperts: [{path: a}, {path: /abs/b}]\n"
+    )
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.expert_weights == [1.0, 3.0] and recipe.seed == 7 and recipe.parameters == {}
+    assert recipe.base_model == str((tmp_path / "models" / "base").resolve())
+    assert recipe.expert_paths == [(tmp_path / "a").resolve(), Path("/abs/b")]

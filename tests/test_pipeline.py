@@ -15,6 +15,7 @@ from tests.conftest import PEFTEVAL, REPO
 from tests.test_tasks import QUICK
 
 MODELS = ["base", "fft", "lora", "merged"]
+pytestmark = pytest.mark.slow
 
 
 def pefteval(*args, hf_home=None, **kwargs) -> subprocess.CompletedProcess:
@@ -34,10 +35,12 @@ def quickstart(tmp_path_factory):
     return out, first
 
 
-def leaderboard_rows(out) -> list[dict]:
+def leaderboard_rows(out, record: str = "score") -> list[dict]:
+    """The leaderboard's tidy rows of one kind; for scores, each task's primary metric."""
     board = pefteval("leaderboard", out, "--format", "json")
     assert board.returncode == 0, board.stderr
-    return json.loads(board.stdout)
+    rows = [r for r in json.loads(board.stdout) if r["record"] == record]
+    return [r for r in rows if r.get("primary")] if record == "score" else rows
 
 
 def test_quickstart_scores_base_fft_lora_and_merge_on_every_task(quickstart):
@@ -73,9 +76,12 @@ def test_results_are_lm_eval_json_with_provenance_and_costs(quickstart):
         provenance = result["pefteval"]
         assert provenance["job_id"] == job["id"] and provenance["spec_hash"] == plan["spec_hash"]
         assert {"torch", "transformers", "peft", "deepspeed", "lm_eval", "ray"} <= provenance["packages"].keys()
-        if job["kind"] == "evaluate":
+        assert provenance["source"] is None or set(provenance["source"]) == {"sha", "dirty"}
+        kind = job["config"]["kind"]
+        if kind == "evaluate":
             assert {"results", "configs", "versions", "n-samples"} <= result.keys()
-        if job["kind"] == "train":
+            assert list(result["results"]) == [job["config"]["task"]]  # one task per evaluation job
+        if kind == "train":
             full = job["config"]["method"] == "full"
             assert (result["trainable_params"] == result["total_params"]) is full
             assert result["steps"] > 0 and result["train_seconds"] > 0 and result["artifact_bytes"] > 0
@@ -112,10 +118,12 @@ def test_failures_are_recorded_with_their_reason_and_exit_1(tmp_path, tiny_model
     assert run.returncode == 1, run.stderr[-3000:]
     assert "0 jobs ran" in run.stdout and "3 failed" in run.stdout
     statuses = {}
-    for job in json.loads((out / "plan.json").read_text())["jobs"]:
-        statuses[job["kind"], job["label"]] = json.loads((out / "jobs" / job["id"] / "status.json").read_text())
+    jobs = json.loads((out / "plan.json").read_text())["jobs"]
+    for job in jobs:
+        status = json.loads((out / "jobs" / job["id"] / "status.json").read_text())
+        statuses[job["config"]["kind"], job["label"]] = status
     assert all(s["state"] == "failed" for s in statuses.values())
-    train_id = next(j["id"] for j in json.loads((out / "plan.json").read_text())["jobs"] if j["kind"] == "train")
+    train_id = next(j["id"] for j in jobs if j["config"]["kind"] == "train")
     assert statuses["evaluate", "lora"]["reason"] == f"upstream job {train_id} failed"
     assert "OSError" in statuses["train", "lora"]["reason"] or "Error" in statuses["train", "lora"]["reason"]
     assert "FAILED" in (out / "leaderboard.md").read_text()
@@ -140,5 +148,8 @@ def test_a_hub_id_base_model_loads_from_the_hf_cache(tmp_path, tiny_model_dir):
     )
     run = pefteval("run", spec, "--output", tmp_path / "out", timeout=600, hf_home=tmp_path / "hf")
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(pefteval("leaderboard", tmp_path / "out", "--format", "json").stdout)
+    rows = leaderboard_rows(tmp_path / "out")
     assert [r["model"] for r in rows] == ["base", "m"] and all(isinstance(r["value"], float) for r in rows)
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    base = next(j for j in plan["jobs"] if j["config"]["kind"] == "merge")["config"]["base"]
+    assert base == {"kind": "hub", "repo": "someone/tiny", "revision": revision}  # pinned at plan time

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import replace
 
+import pytest
+
+from pefteval_harness import finetuning, jobs
+from pefteval_harness.errors import BadInput
 from pefteval_harness.plan import build_plan
 from pefteval_harness.spec import Spec
 from tests.conftest import REPO
@@ -18,62 +24,97 @@ SPEC = {
     "merges": {"m": {"method": "ties", "experts": "ex"}},
     "evaluate": {"tasks": ["pefteval_quick_sentiment*"], "limit": 4},
 }
+MODELS = ("base", "fft", "lora", "ex/pefteval_quick_sentiment", "ex/pefteval_quick_topic", "m")
+EVALUATED = ("pefteval_quick_sentiment", "pefteval_quick_sentiment_adv")
 
 
-def ids(spec: dict) -> dict[tuple[str, str], str]:
-    return {(job.kind, job.label): job.id for job in build_plan(Spec.model_validate(spec)).jobs}
+def ids(spec: dict) -> dict[tuple[str, ...], str]:
+    plan = build_plan(Spec.model_validate(spec))
+    return {(job.kind, job.label, getattr(job.config, "task", "")): job.id for job in plan.jobs}
 
 
-def changed(before: dict, after: dict) -> set[tuple[str, str]]:
+def changed(before: dict, after: dict) -> set[tuple[str, ...]]:
     return {key for key in before if before[key] != after[key]}
 
 
 def test_jobs_dependencies_and_labels():
     plan = build_plan(Spec.model_validate(SPEC))
-    jobs = {(j.kind, j.label): j for j in plan.jobs}
-    assert set(jobs) == {
-        ("base", "base"),
-        *(("train", name) for name in ("fft", "lora", "ex/pefteval_quick_sentiment", "ex/pefteval_quick_topic")),
-        ("merge", "m"),
-        *(
-            ("evaluate", m)
-            for m in ("base", "fft", "lora", "ex/pefteval_quick_sentiment", "ex/pefteval_quick_topic", "m")
-        ),
+    by_key = {(j.kind, j.label, getattr(j.config, "task", "")): j for j in plan.jobs}
+    assert set(by_key) == {
+        ("base", "base", ""),
+        *(("train", name, "") for name in MODELS[1:5]),
+        ("merge", "m", ""),
+        *(("evaluate", model, task) for model in MODELS for task in EVALUATED),  # one per (model, task)
     }
-    base = jobs["base", "base"].id
-    assert jobs["merge", "m"].deps == (
+    base = by_key["base", "base", ""].id
+    assert by_key["merge", "m", ""].deps == [
         base,
-        jobs["train", "ex/pefteval_quick_sentiment"].id,
-        jobs["train", "ex/pefteval_quick_topic"].id,
-    )
-    assert jobs["evaluate", "fft"].deps == (jobs["train", "fft"].id,)  # the FFT model stands alone
-    assert jobs["evaluate", "lora"].deps == (base, jobs["train", "lora"].id)  # base + adapter
-    assert jobs["evaluate", "m"].config["tasks"] == ["pefteval_quick_sentiment", "pefteval_quick_sentiment_adv"]
+        by_key["train", "ex/pefteval_quick_sentiment", ""].id,
+        by_key["train", "ex/pefteval_quick_topic", ""].id,
+    ]
+    fft_eval = by_key["evaluate", "fft", "pefteval_quick_sentiment"]
+    assert fft_eval.deps == [by_key["train", "fft", ""].id]  # the FFT model stands alone
+    assert by_key["evaluate", "lora", "pefteval_quick_sentiment"].deps == [base, by_key["train", "lora", ""].id]
+    merged = by_key["evaluate", "m", "pefteval_quick_sentiment_adv"].config.lineage
+    assert (merged.merge.method, merged.merge.k, merged.merge.experts) == ("ties", 2, list(MODELS[3:5]))
     order = [j.id for j in plan.jobs]
     assert all(order.index(d) < order.index(j.id) for j in plan.jobs for d in j.deps)  # dependency order
+    assert json.loads(json.dumps(plan.to_json()))["schema"] == 2
 
 
 def test_ids_are_stable_and_change_only_downstream_of_a_change():
     before = ids(SPEC)
     assert ids(SPEC) == before
     lr = ids({**SPEC, "finetunes": {**SPEC["finetunes"], "lora": {"method": "lora", "train": {"learning_rate": 0.5}}}})
-    assert changed(before, lr) == {("train", "lora"), ("evaluate", "lora")}
+    assert changed(before, lr) == {("train", "lora", "")} | {("evaluate", "lora", t) for t in EVALUATED}
     limit = ids({**SPEC, "evaluate": {**SPEC["evaluate"], "limit": 5}})
     assert changed(before, limit) == {key for key in before if key[0] == "evaluate"}
     seed = ids({**SPEC, "seed": 7})
-    assert changed(before, seed) == set(before) - {("base", "base")}  # the tiny base is built without it
+    assert changed(before, seed) == set(before) - {("base", "base", "")}  # the tiny base is built without it
     density = ids({**SPEC, "merges": {"m": {"method": "ties", "experts": "ex", "parameters": {"density": 0.5}}}})
-    assert changed(before, density) == {("merge", "m"), ("evaluate", "m")}
+    assert changed(before, density) == {("merge", "m", "")} | {("evaluate", "m", t) for t in EVALUATED}
+    fewshot = ids({**SPEC, "evaluate": {**SPEC["evaluate"], "per_task": {"*_adv": {"num_fewshot": 1}}}})
+    assert changed(before, fewshot) == {("evaluate", m, "pefteval_quick_sentiment_adv") for m in MODELS}
 
 
-def test_editing_a_task_file_changes_the_ids_of_the_jobs_that_use_it(tmp_path):
+def test_per_task_settings_reach_only_their_tasks():
+    spec = {**SPEC, "evaluate": {**SPEC["evaluate"], "num_fewshot": 0,
+                                 "per_task": {"*_adv": {"num_fewshot": 2, "gen_kwargs": {"max_gen_toks": 4}}}}}
+    plan = build_plan(Spec.model_validate(spec))
+    settings = {j.config.task: j.config.settings for j in plan.jobs if j.kind == "evaluate" and j.label == "base"}
+    assert settings["pefteval_quick_sentiment"].num_fewshot == 0
+    assert settings["pefteval_quick_sentiment_adv"].num_fewshot == 2
+    assert settings["pefteval_quick_sentiment_adv"].gen_kwargs == {"max_gen_toks": 4}
+    assert not settings["pefteval_quick_sentiment"].confirm_run_unsafe_code  # off unless the user turns it on
+
+
+def test_a_method_version_bump_reruns_only_that_methods_jobs(monkeypatch):
+    before = ids(SPEC)
+    lora = finetuning.FINETUNE_METHODS["lora"]
+    monkeypatch.setitem(finetuning.FINETUNE_METHODS, "lora", replace(lora, version=lora.version + 1))
+    bumped = changed(before, ids(SPEC))
+    assert bumped and all(key[1] in ("lora", "m") or key[1].startswith("ex/") for key in bumped)
+    assert not any(key[1] in ("base", "fft") for key in bumped)
+    monkeypatch.setitem(finetuning.FINETUNE_METHODS, "lora", lora)
+    kind = jobs.JOB_KINDS["merge"]
+    monkeypatch.setitem(jobs.JOB_KINDS, "merge", replace(kind, version=kind.version + 1))
+    assert changed(before, ids(SPEC)) == {("merge", "m", "")} | {("evaluate", "m", t) for t in EVALUATED}
+
+
+def test_editing_one_task_file_reruns_only_that_task(tmp_path):
     tasks = tmp_path / "mytasks"
     shutil.copytree(REPO / "task_configs" / "quickstart", tasks)
     for path in tasks.glob("*.yaml"):  # the same tasks under other names, so both folders load
         path.write_text(path.read_text().replace("pefteval_quick_", "mine_").replace("pefteval-quick", "mine-quick"))
-    spec = {**SPEC, "include_paths": [str(tasks)], "evaluate": {"tasks": ["mine_topic"], "limit": 4}}
+    spec = {**SPEC, "include_paths": [str(tasks)], "evaluate": {"tasks": ["mine_topic", "mine_echo"], "limit": 4}}
     before = ids(spec)
-    (tasks / "topic.yaml").write_text((tasks / "topic.yaml").read_text() + "# edited\n")
-    assert changed(before, ids(spec)) == {key for key in before if key[0] == "evaluate"}
-    (tasks / "sentiment.yaml").write_text((tasks / "sentiment.yaml").read_text() + "# edited\n")
-    assert ids(spec) != before  # the folder's files define every task in it: conservative on purpose
+    (tasks / "topic.yaml").write_text((tasks / "topic.yaml").read_text().replace("Topic:", "Subject:"))
+    assert changed(before, ids(spec)) == {key for key in before if key[0] == "evaluate" and key[2] == "mine_topic"}
+
+
+def test_planning_refuses_what_only_expansion_reveals():
+    with pytest.raises(BadInput, match=r"merges.m.weights: 3 weights for 2 experts"):
+        build_plan(Spec.model_validate({**SPEC, "merges": {"m": {"method": "ties", "experts": "ex",
+                                                                 "weights": [1, 1, 1]}}}))
+    with pytest.raises(BadInput, match="evaluate.tasks: no task matches 'nope'"):
+        build_plan(Spec.model_validate({**SPEC, "evaluate": {"tasks": ["nope"]}}))

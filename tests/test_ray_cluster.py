@@ -82,7 +82,7 @@ def _cluster_env() -> dict[str, str]:
     """Environment of the cluster and of the CLI calls: loopback Ray, offline, no usage report."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps the node on 127.0.0.1 (ENVIRONMENT.md)
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps the node on 127.0.0.1
         RAY_AUTH_MODE="disabled",
         RAY_USAGE_STATS_ENABLED="0",  # no usage report sent anywhere
         # A job inherits the environment its node's Ray was started with: this is how the HF offline

@@ -70,16 +70,16 @@ BAD = [
     ),
     (
         GOOD.replace("task_arithmetic", "ties").replace("experts: ex}", "experts: ex, parameters: {density: 2}}"),
-        "merges.m.parameters: merge parameter 'density' must be in (0, 1], got 2.0",
+        "merges.m.parameters: merge method 'ties': parameter 'density': Input should be less than or equal to 1",
     ),
     (
         GOOD.replace("experts: ex}", "experts: [ex, fft]}"),
-        "merges.m.experts: experts must come from one method, got full, lora",
+        "merges.m.experts: experts must all be full models or all adapters",
     ),
     (GOOD.replace("experts: ex}", "experts: ex, weights: [1.0]}"), "merges.m.weights: 1 weights for 2 experts"),
     (
         GOOD.replace("experts: ex}", "experts: fft, space: factor}"),
-        "merges.m.space: factor space needs lora experts, got full",
+        "merges.m.space: factor space needs adapter experts, these are full models",
     ),
     (
         GOOD.replace("base_model: tiny", "base_model: ./no/such/model"),
@@ -92,6 +92,35 @@ BAD = [
     (
         GOOD.replace("merges:\n  m:", "merges:\n  fft:"),
         "spec.yaml: merges.fft: the name is already used by a fine-tune or the base",
+    ),
+    (GOOD.replace("  fft: {method: full}", "  base: {method: full}").replace("[ex, fft]", "[ex]"),
+     "finetunes.base: the name 'base' is taken by the base model's row"),
+    (
+        GOOD.replace("merges:\n  m:", "merges:\n  ex/pefteval_quick_topic:"),
+        "merges.ex/pefteval_quick_topic: the model label 'ex/pefteval_quick_topic' is already used by finetunes.ex",
+    ),
+    (
+        GOOD.replace("{method: lora, per_task: true,", "{method: dora, per_task: true,"),
+        "merges.m.experts: ex (dora) adapters cannot be merged",
+    ),
+    (
+        GOOD.replace("experts: ex}", "experts: [ex, lo], space: factor}").replace(
+            "  fft: {method: full}", "  fft: {method: full}\n  lo: {method: lora, config: {r: 4}}"
+        ),
+        "merges.m.experts:",
+    ),
+    (GOOD + "include_paths: [no/such/folder]\n", "include_paths[0]: no such task folder 'no/such/folder'"),
+    (
+        GOOD.replace("limit: 4}", "limit: 4, per_task: {pefteval_quick_topic: {nshot: 2}}}"),
+        "evaluate.per_task.pefteval_quick_topic.nshot: unknown setting",
+    ),
+    (
+        GOOD.replace("limit: 4}", "limit: 4, per_task: {'pefteval_quick_t*': {num_fewshot: -1}}}"),
+        "evaluate.per_task.num_fewshot: Input should be greater than or equal to 0 (for task",
+    ),
+    (
+        GOOD.replace("limit: 4}", "limit: 4, per_task: {'nope_*': {num_fewshot: 1}}}"),
+        "evaluate.per_task.nope_*: matches none of the evaluated tasks",
     ),
 ]
 

@@ -38,3 +38,37 @@ def test_status_is_the_commit_point(tmp_path):
     assert store.is_done("evaluate-1") and store.result("evaluate-1") == {"results": {}}
     assert read_json(store.job_dir("evaluate-1") / "job.json") == job
     assert [(j["id"], s["state"]) for j, s in store.jobs()] == [("evaluate-1", DONE)]
+
+
+def test_a_claim_is_exclusive_until_released_or_stale(tmp_path):
+    import os
+    import time
+
+    from pefteval_harness import store as store_module
+
+    store = Store(tmp_path)
+    assert store.claim("train-1", "run-a")
+    assert store.claim("train-1", "run-a")  # its own claim again
+    assert not store.claim("train-1", "run-b") and store.claim_is_live("train-1")
+    store.release("train-1", "run-b")  # not b's to release
+    assert store.claim_holder("train-1") == "run-a"
+    store.release("train-1", "run-a")
+    assert store.claim("train-1", "run-b")
+
+    # run-b died: its claim stops being refreshed and goes stale, and another run takes the job over.
+    old = time.time() - store_module.CLAIM_STALE_SECONDS - 5
+    os.utime(store.job_dir("train-1") / "claim", (old, old))
+    assert not store.claim_is_live("train-1")
+    assert store.claim("train-1", "run-c") and store.claim_holder("train-1") == "run-c"
+    store.refresh_claims(["train-1"], "run-c")
+    assert store.claim_is_live("train-1")
+
+
+def test_an_older_store_is_refused_with_a_clear_message(tmp_path):
+    from pefteval_harness.errors import BadInput
+    from pefteval_harness.store import check_store_schema
+
+    write_atomic(tmp_path / "plan.json", '{"spec_hash": "x", "jobs": []}')
+    expected = r"older pefteval \(plan schema 1\); this version reads schema 2: rerun into a new --output"
+    with pytest.raises(BadInput, match=expected):
+        check_store_schema(tmp_path)

@@ -12,6 +12,8 @@ from pefteval_harness.spec import Spec
 from pefteval_harness.store import Store
 from pefteval_harness.tasks.rendering import Example
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(local_ray, tmp_path_factory, tiny_model_dir):
@@ -23,6 +25,7 @@ def trained(local_ray, tmp_path_factory, tiny_model_dir):
                 "zero3": {"method": "full", "deepspeed": {"zero_stage": 3}},
                 "lora": {"method": "lora", "config": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
                 "dora": {"method": "dora"},
+                "adalora": {"method": "adalora", "config": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1}},
             },
             "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 4},
         }
@@ -31,7 +34,7 @@ def trained(local_ray, tmp_path_factory, tiny_model_dir):
     store = Store(tmp_path_factory.mktemp("train"))
     summary = execute(plan, store, max_retries=0)
     assert not summary.failed, summary.failed
-    jobs = {(j.kind, j.label): j.id for j in plan.jobs}
+    jobs = {(j.kind, j.label): j.id for j in plan.jobs}  # one evaluated task: one evaluate job per model
     return store, jobs
 
 
@@ -63,15 +66,41 @@ def test_peft_methods_save_adapters_that_load_and_were_trained(trained, label, k
     assert store.is_done(jobs["evaluate", label])  # lm-eval loaded base + adapter
 
 
+def test_adalora_gets_its_step_count_and_reallocates_ranks(trained):
+    from peft import PeftConfig
+
+    store, jobs = trained
+    config = PeftConfig.from_pretrained(store.artifact(jobs["train", "adalora"]))
+    assert config.peft_type.value == "ADALORA" and config.total_step == 4  # the run's own length
+    assert store.is_done(jobs["evaluate", "adalora"])
+
+
 def test_tokenize_masks_the_prompt_and_ends_with_eos(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from pefteval_harness.jobs.train import tokenize
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    (row,) = tokenize([Example("Review: the film was good\nSentiment:", " positive")], tokenizer, 64)
+    (row,) = tokenize([Example("Review: the film was good\nSentiment:", " positive")], tokenizer, 64).rows
     n_prompt = len(tokenizer("Review: the film was good\nSentiment:")["input_ids"])
     assert row["labels"][:n_prompt] == [-100] * n_prompt
     assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
     assert tokenizer.decode(row["input_ids"][n_prompt:-1]) == " positive"
     assert row["input_ids"][-1] == tokenizer.eos_token_id
+
+
+def test_too_long_examples_lose_the_start_of_the_prompt_never_the_answer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from pefteval_harness.jobs.train import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = "Review: " + "the film was good " * 20 + "\nSentiment:"
+    answer = [tokenizer.eos_token_id]
+    out = tokenize([Example(prompt, " positive"), Example("Review: empty\nSentiment:", "")], tokenizer, 16)
+    (row,) = out.rows
+    assert (out.truncated_prompts, out.without_answer) == (1, 1)  # the empty answer is dropped and counted
+    assert len(row["input_ids"]) == 16
+    kept = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(kept[:-1]) == " positive" and kept[-1:] == answer  # the whole answer, then EOS
+    assert tokenizer.decode(row["input_ids"][: 16 - len(kept)]).endswith("Sentiment:")  # the prompt's end kept

@@ -1,59 +1,143 @@
-"""The jobs a plan is made of. One entry per kind; each takes the job and the store, writes its
-artifact (if any) into the store and returns its result, which the store records.
+"""The jobs a plan is made of: one registry entry per kind, with its implementation version.
+
+Each kind's `run(job, store)` writes its artifact (if any) into the store and returns its result, which
+the store records with provenance. `version` is part of every job id of that kind: bump it when a change
+to the kind's code changes what it produces, so stored results of the old code are not reused.
+Evaluations of one model can run as a batch in one worker (`run_batch`), loading the model once.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from pefteval_harness.store import Store
+from pefteval_harness.errors import BadInput
+from pefteval_harness.jobs.types import ArtifactRef, HubRef, Job, LocalRef, ModelRef
+from pefteval_harness.store import DONE, FAILED, Store
+
+log = logging.getLogger(__name__)
 
 
-def model_path(ref: dict, store: Store) -> str:
-    """A model reference in a job's config: another job's artifact, a local folder or a hub id."""
-    return str(store.artifact(ref["job"])) if "job" in ref else ref["path"]
+def model_path(ref: ModelRef, store: Store) -> str:
+    """Where a model reference's files are: another job's artifact, a local folder, or a hub repo id."""
+    if isinstance(ref, ArtifactRef):
+        return str(store.artifact(ref.job))
+    if isinstance(ref, LocalRef):
+        return ref.path
+    return ref.repo
 
 
-def _base(job: dict, store: Store) -> dict:
+def load_kwargs(ref: ModelRef) -> dict[str, Any]:
+    """from_pretrained arguments for a reference: the pinned hub revision; safetensors when the folder has them."""
+    if isinstance(ref, HubRef):
+        return {"revision": ref.revision}
+    return {}
+
+
+def prefer_safetensors(folder: str) -> dict[str, Any]:
+    """Load weights from safetensors when a local folder has them, never from its pickles."""
+    from pathlib import Path
+
+    path = Path(folder)
+    if path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))):
+        return {"use_safetensors": True}
+    return {}
+
+
+def _base(job: Job, store: Store) -> dict:
     from pefteval_harness import tiny_model
 
-    tiny_model.build(store.artifact(job["id"]))
-    return {"builder": job["config"]["builder"]}
+    tiny_model.build(store.artifact(job.id))
+    return {"builder": job.config.builder}
 
 
-def _train(job: dict, store: Store) -> dict:
+def _train(job: Job, store: Store) -> dict:
     from pefteval_harness.jobs.train import train
 
     return train(job, store)
 
 
-def _merge(job: dict, store: Store) -> dict:
+def _merge(job: Job, store: Store) -> dict:
     from pefteval_harness.jobs.merge import merge
 
     return merge(job, store)
 
 
-def _evaluate(job: dict, store: Store) -> dict:
-    from pefteval_harness.jobs.evaluate import evaluate
+def _evaluate(job: Job, store: Store) -> dict:
+    from pefteval_harness.jobs.evaluate import evaluate_batch
 
-    return evaluate(job, store)
+    result = evaluate_batch([job], store)[job.id]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
-JOB_KINDS: dict[str, Callable[[dict, Store], dict]] = {
-    "base": _base,
-    "train": _train,
-    "merge": _merge,
-    "evaluate": _evaluate,
+@dataclass(frozen=True)
+class JobKind:
+    run: Callable[[Job, Store], dict]
+    version: int
+
+
+JOB_KINDS: dict[str, JobKind] = {
+    "base": JobKind(_base, version=1),
+    "train": JobKind(_train, version=2),  # 2: prompts truncated from the left, answers kept whole
+    "merge": JobKind(_merge, version=2),  # 2: typed parameters, seeded per-tensor generators, sharded output
+    "evaluate": JobKind(_evaluate, version=2),  # 2: one task per job
 }
 
 
-def run_job(job: dict, store: Store) -> dict:
-    """Run one job unless the store already has it; record the result with its provenance."""
+def outcome_of(error: BaseException) -> dict:
+    """A failed job's status: its one-line reason and class; bad input is never worth retrying."""
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    error_class = "bad_input" if isinstance(error, BadInput) else "error"
+    return {"state": FAILED, "reason": reason, "error_class": error_class, "retryable": error_class != "bad_input"}
+
+
+def _record_done(job: Job, store: Store, result: dict) -> dict:
     from pefteval_harness.provenance import provenance
 
-    if store.is_done(job["id"]):
-        return store.status(job["id"])
-    result = JOB_KINDS[job["kind"]](job, store)
-    result["pefteval"] = {"model": job["label"], "kind": job["kind"], **provenance(job)}
-    store.record(job, "done", result)
-    return store.status(job["id"])
+    result["pefteval"] = {"model": job.label, "kind": job.kind, **provenance(job)}
+    store.record(job.model_dump(mode="json"), DONE, result)
+    return {"state": DONE}
+
+
+def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, dict]:
+    """The body of every worker: run these jobs (one, or a model's evaluations) and record each.
+
+    Returns job id -> outcome ({"state": "done"} or a failure from `outcome_of`). A job's failure is
+    returned, not raised, so that the driver decides about retries; only a dying process escapes.
+    """
+    from pefteval_harness.numerics import pin_numerics
+
+    pin_numerics(threads)
+    store = Store(store_root)
+    typed = [Job.model_validate(j) for j in jobs]
+    outcomes: dict[str, dict] = {}
+    todo = []
+    for job in typed:
+        if store.is_done(job.id):
+            outcomes[job.id] = {"state": DONE}
+        else:
+            todo.append(job)
+    if todo and all(job.kind == "evaluate" for job in todo):
+        from pefteval_harness.jobs.evaluate import evaluate_batch
+
+        try:
+            results = evaluate_batch(todo, store)
+        except Exception as e:  # the model did not load: every evaluation of it fails alike
+            return {**outcomes, **{job.id: outcome_of(e) for job in todo}}
+        for job in todo:
+            result = results[job.id]
+            failed = isinstance(result, BaseException)
+            outcomes[job.id] = outcome_of(result) if failed else _record_done(job, store, result)
+        return outcomes
+    for job in todo:
+        try:
+            outcomes[job.id] = _record_done(job, store, JOB_KINDS[job.kind].run(job, store))
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            outcomes[job.id] = outcome_of(e)
+    return outcomes

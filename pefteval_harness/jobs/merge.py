@@ -6,28 +6,31 @@ import shutil
 from pathlib import Path
 
 from pefteval_harness.jobs import model_path
+from pefteval_harness.jobs.types import HubRef, Job
 from pefteval_harness.store import Store
 
 
-def merge(job: dict, store: Store) -> dict:
+def merge(job: Job, store: Store) -> dict:
     from pefteval_harness.merging import merge_models
 
-    config = job["config"]
-    base = Path(model_path(config["base"], store))
-    if not base.is_dir():  # a hub id: the engine streams from local files (the HF cache)
+    config = job.config
+    if isinstance(config.base, HubRef):  # the engine streams from local files: the HF cache's snapshot
         from huggingface_hub import snapshot_download
 
-        base = Path(snapshot_download(str(base)))
-    out = store.artifact(job["id"])
-    if out.exists():  # left by an attempt that died before its status was written
+        base = Path(snapshot_download(config.base.repo, revision=config.base.revision))
+    else:
+        base = Path(model_path(config.base, store))
+    out = store.artifact(job.id)
+    if out.exists():  # left by an attempt of ours that died before its status was written (we hold the claim)
         shutil.rmtree(out)
     merge_models(
-        method=config["method"],
-        experts=[store.artifact(expert) for expert in config["experts"]],
+        method=config.method,
+        experts=[store.artifact(expert) for expert in config.experts],
         out_dir=out,
         base=base,
-        weights=config["weights"],
-        params=config["parameters"],
-        space=config["space"],
+        weights=config.weights,
+        params=config.parameters,
+        space=config.space,
+        seed=config.seed,
     )
-    return {"method": config["method"], "experts": config["experts"], "space": config["space"]}
+    return {"method": config.method, "experts": config.experts, "space": config.space}

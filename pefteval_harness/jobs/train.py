@@ -1,36 +1,40 @@
 """Train job: full fine-tuning through DeepSpeed, or a `peft` method, with the HuggingFace Trainer.
 
 The examples are the training splits of the job's tasks rendered by their own lm-eval configs
-(`tasks/rendering.py`); the loss covers the answer tokens only. The job records its costs (trainable
-parameters, time, peak memory, artifact size) next to the artifact.
+(`tasks/rendering.py`); the loss covers the answer tokens only. A sequence longer than `max_length` loses
+the start of its prompt, never its answer; examples left with no answer token are dropped and counted.
+The job records its costs (trainable parameters, time, peak memory, artifact size) next to the artifact.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import resource
 import shutil
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefteval_harness.finetuning import get_method
-from pefteval_harness.jobs import model_path
+from pefteval_harness.jobs import load_kwargs, model_path, prefer_safetensors
+from pefteval_harness.jobs.types import DeepSpeedSettings, Job
 from pefteval_harness.store import Store
 from pefteval_harness.tasks import manager_for
 from pefteval_harness.tasks.rendering import training_examples
 
 
-def deepspeed_config(settings: dict) -> dict:
+def deepspeed_config(settings: DeepSpeedSettings) -> dict:
     """A DeepSpeed config for the Trainer: "auto" lets the Trainer fill in what it already knows."""
-    zero: dict = {"stage": settings["zero_stage"]}
-    if settings["offload_optimizer"]:
+    zero: dict = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    if settings["zero_stage"] == 3:
+    if settings.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     optimizer_params = {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}
-    if not settings["offload_optimizer"]:
+    if not settings.offload_optimizer:
         optimizer_params["torch_adam"] = True  # skips a long JIT build of DeepSpeed's fused CPU Adam
     return {
         "train_batch_size": "auto",
@@ -40,7 +44,7 @@ def deepspeed_config(settings: dict) -> dict:
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
         "zero_allow_untested_optimizer": True,
-        **settings["config"],
+        **settings.config,
     }
 
 
@@ -54,9 +58,20 @@ def _single_process_group() -> None:
         os.environ.setdefault(key, value)
 
 
-def tokenize(examples, tokenizer, max_length: int) -> list[dict]:
-    """Encode prompt + continuation the way lm-eval scores them; mask the prompt out of the loss."""
-    rows = []
+@dataclass
+class Tokenized:
+    rows: list[dict] = field(default_factory=list)
+    truncated_prompts: int = 0  # examples whose prompt lost its start to fit max_length
+    without_answer: int = 0  # examples with no answer token (empty answers): dropped, they teach nothing
+
+
+def tokenize(examples, tokenizer, max_length: int) -> Tokenized:
+    """Encode prompt + continuation the way lm-eval scores them; mask the prompt out of the loss.
+
+    Too long a sequence keeps its end: the prompt is cut from the left (as a model reads the most recent
+    context), and the answer (+ EOS) is cut only if it alone is longer than max_length.
+    """
+    out = Tokenized()
     for ex in examples:
         prompt, continuation = ex.prompt, ex.continuation
         # lm-eval moves the prompt's trailing whitespace into the continuation before encoding.
@@ -64,10 +79,18 @@ def tokenize(examples, tokenizer, max_length: int) -> list[dict]:
         prompt, continuation = stripped, prompt[len(stripped) :] + continuation
         whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
         n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = (whole + [tokenizer.eos_token_id])[:max_length]
-        labels = ([-100] * n_prompt + ids[n_prompt:])[:max_length]
-        rows.append({"input_ids": ids, "labels": labels})
-    return rows
+        prompt_ids, answer_ids = whole[:n_prompt], whole[n_prompt:]
+        if not answer_ids:
+            out.without_answer += 1
+            continue
+        answer_ids = (answer_ids + [tokenizer.eos_token_id])[:max_length]
+        keep = max_length - len(answer_ids)
+        if len(prompt_ids) > keep:
+            out.truncated_prompts += 1
+            prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
+        ids = prompt_ids + answer_ids
+        out.rows.append({"input_ids": ids, "labels": [-100] * len(prompt_ids) + answer_ids})
+    return out
 
 
 class PadCollator:
@@ -94,56 +117,76 @@ def _directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def train(job: dict, store: Store) -> dict:
+def total_optimizer_steps(n_examples: int, settings) -> int:
+    """The Trainer's own count: max_steps if set, else epochs × optimiser steps per epoch."""
+    if settings.max_steps > 0:
+        return settings.max_steps
+    per_epoch = max(1, math.ceil(n_examples / settings.batch_size) // settings.gradient_accumulation_steps)
+    return max(1, math.ceil(settings.epochs * per_epoch))
+
+
+def train(job: Job, store: Store) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    config, settings = job["config"], job["config"]["train"]
-    method = get_method(config["method"])
-    base = model_path(config["base"], store)
-    trust = config["trust_remote_code"]
+    config, settings = job.config, job.config.train
+    method = get_method(config.method)
+    base = model_path(config.base, store)
+    trust = config.trust_remote_code
+    load = {"trust_remote_code": trust, **load_kwargs(config.base)}
 
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(base, **load)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    manager = manager_for(settings["tasks"], config["include_paths"])
-    tasks = manager.load(settings["tasks"])["tasks"]
-    examples = [ex for name in settings["tasks"] for ex in training_examples(tasks[name], settings["limit"])]
-    random.Random(config["seed"]).shuffle(examples)
-    rows = tokenize(examples, tokenizer, settings["max_length"])
+    manager = manager_for(settings.tasks, config.include_paths)
+    tasks = manager.load(settings.tasks)["tasks"]
+    examples = [ex for name in settings.tasks for ex in training_examples(tasks[name], settings.limit)]
+    random.Random(config.seed).shuffle(examples)
+    tokenized = tokenize(examples, tokenizer, settings.max_length)
+    rows = tokenized.rows
+    if not rows:
+        raise ValueError(f"no training example has an answer token ({tokenized.without_answer} examples)")
 
-    torch.manual_seed(config["seed"])
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=trust, dtype=torch.float32)
-    if not method.is_full:
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load, **prefer_safetensors(base))
+    callbacks = []
+    if method.produces == "adapter":
         from peft import get_peft_model
 
-        model = get_peft_model(model, method.peft_config(config["peft"]))
+        model = get_peft_model(model, method.peft_config(config.peft, total_optimizer_steps(len(rows), settings)))
+        callbacks = method.callbacks(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    if config["deepspeed"]:
+    if config.deepspeed:
         _single_process_group()
-    with store.staging(job["id"]) as out:
+    with store.staging(job.id) as out:
         args = TrainingArguments(
             output_dir=str(out / "trainer"),
-            per_device_train_batch_size=settings["batch_size"],
-            gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-            num_train_epochs=settings["epochs"],
-            max_steps=settings["max_steps"],
-            learning_rate=settings["learning_rate"],
-            lr_scheduler_type=settings["lr_scheduler"],
-            warmup_steps=settings["warmup"],
-            weight_decay=settings["weight_decay"],
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            num_train_epochs=settings.epochs,
+            max_steps=settings.max_steps,
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type=settings.lr_scheduler,
+            warmup_steps=settings.warmup,
+            weight_decay=settings.weight_decay,
             logging_steps=10,
             save_strategy="no",
             report_to="none",
-            seed=config["seed"],
+            seed=config.seed,
             use_cpu=not torch.cuda.is_available(),
-            deepspeed=deepspeed_config(config["deepspeed"]) if config["deepspeed"] else None,
+            deepspeed=deepspeed_config(config.deepspeed) if config.deepspeed else None,
             disable_tqdm=True,
             remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=PadCollator(tokenizer.pad_token_id))
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            data_collator=PadCollator(tokenizer.pad_token_id),
+            callbacks=callbacks,
+        )
         started = time.perf_counter()
         try:
             output = trainer.train()
@@ -159,8 +202,10 @@ def train(job: dict, store: Store) -> dict:
         artifact_bytes = _directory_bytes(out)
     return {
         "method": method.name,
-        "tasks": settings["tasks"],
+        "tasks": settings.tasks,
         "examples": len(rows),
+        "examples_without_answer": tokenized.without_answer,
+        "truncated_prompts": tokenized.truncated_prompts,
         "steps": output.global_step,
         "train_loss": output.training_loss,
         "loss_history": [log["loss"] for log in trainer.state.log_history if "loss" in log],

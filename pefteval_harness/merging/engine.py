@@ -1,10 +1,12 @@
 """The streaming merge engine: expert tensors are read one weight at a time from safetensors.
 
-Only the output model is held in memory, plus the K expert copies of the one weight being merged, so memory
-does not grow with the number of experts beyond that. Everything that can be checked from the files'
-headers (kinds, names, shapes, adapter configs) is checked before anything is written; the output is built
-in a temporary folder next to `out_dir` and renamed into place, so a failed merge leaves no `out_dir`.
-Pickle files (`*.bin`) are refused, never loaded.
+Memory holds the K expert copies of the one weight being merged plus the output shard being filled: merged
+tensors are written as they come into shards of at most `max_shard_bytes` (HF's sharded layout when there
+is more than one), so neither the output nor the experts are ever held whole. Everything that can be
+checked from the files' headers and configs (settings, kinds, names, shapes, adapter configs) is checked
+before anything is written; the output is built in a temporary folder next to `out_dir` and renamed into
+place, so a failed merge leaves no `out_dir`. Pickle files (`*.bin`) are refused, never loaded.
+Random methods get a generator per tensor, seeded from the merge seed and the tensor's name.
 """
 
 from __future__ import annotations
@@ -15,34 +17,22 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from pefteval_harness.config_io import validate
 from pefteval_harness.errors import BadInput
-from pefteval_harness.merging.methods import MergeMethod, get_method
+from pefteval_harness.merging.config import MergeSettings, check_adapters, load_recipe
+from pefteval_harness.merging.methods import MergeContext, MergeMethod, get_method, tensor_generator
 
 if TYPE_CHECKING:
     import torch
 
-SPACES = ("delta_w", "factor")
 MODEL, ADAPTER = "model", "adapter_model"  # file stems of a HF model folder and a peft adapter folder
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-# peft features whose saved tensors are not plain lora_A / lora_B pairs, or whose forward is not W + s·B·A.
-_UNSUPPORTED = (
-    "use_dora",
-    "modules_to_save",
-    "lora_bias",
-    "trainable_token_indices",
-    "target_parameters",
-    "layer_replication",
-    "alora_invocation_tokens",
-)
-# Adapter fields that must agree for factors to be merged entry by entry.
-_FACTOR_FIELDS = ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 
 
@@ -104,11 +94,8 @@ def _adapter_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except ValueError as e:
         raise BadInput(f"{path}: not valid JSON ({e})") from None
-    if config.get("peft_type") != "LORA":
-        raise BadInput(f"{path}: peft_type {config.get('peft_type')!r} cannot be merged (LoRA adapters only)")
-    for key in _UNSUPPORTED:
-        if config.get(key):
-            raise BadInput(f"{path}: {key}={config[key]!r} adapters are not supported by the merge engine yet")
+    if not isinstance(config, dict):
+        raise BadInput(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -150,12 +137,15 @@ def _check_same_tensors(reference: _Tensors, other: _Tensors, what: str) -> None
             )
 
 
-def _merge_tensor(m: MergeMethod, base: torch.Tensor, deltas: Sequence[torch.Tensor], weights, params) -> torch.Tensor:
-    """base + method(τ) for task-vector methods, method(base + τ_i) for methods on raw weights (float32)."""
-    b = base.float()
-    if m.needs_base:
-        return b + m.fn(list(deltas), weights, **params)
-    return m.fn([b + d for d in deltas], weights, **params)
+class _Run:
+    """One merge's method, validated parameters, method weights and seed: applies the method to one tensor."""
+
+    def __init__(self, method: MergeMethod, params: Any, weights: list[float], seed: int):
+        self.method, self.params, self.weights, self.seed = method, params, weights, seed
+
+    def apply(self, tensors: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+        ctx = MergeContext(tensor_name=name, generator=tensor_generator(self.seed, name))
+        return self.method.fn(list(tensors), self.weights, self.params, ctx)
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -165,10 +155,50 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+class _ShardWriter:
+    """Writes tensors as they come into shards of at most `max_bytes` (a larger tensor gets a shard to itself).
 
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    One shard is saved as `<stem>.safetensors`; several as HF names it, `<stem>-00001-of-0000N.safetensors`
+    plus `<stem>.safetensors.index.json`, which `from_pretrained` loads. `max_bytes=None`: one file.
+    """
+
+    def __init__(self, folder: Path, stem: str, max_bytes: int | None):
+        self.folder, self.stem, self.max_bytes = folder, stem, max_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._total_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []  # written so far, under temporary names
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.max_bytes is not None and self._pending and self._pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += nbytes
+        self._total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f".{self.stem}-part{len(self._shards)}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self._pending or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        if n == 1:
+            self._shards[0][0].rename(self.folder / f"{self.stem}.safetensors")
+            return
+        weight_map = {}
+        for i, (path, names) in enumerate(self._shards, 1):
+            final = f"{self.stem}-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+        (self.folder / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _write_atomically(out_dir: Path, build: Callable[[Path], None]) -> Path:
@@ -196,8 +226,10 @@ def merge_models(
     out_dir: Path,
     base: Path | None = None,
     weights: Sequence[float] | None = None,
-    params: dict[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
     space: str = "delta_w",
+    seed: int = 0,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Merge full HF models or peft LoRA adapters with a registered method; returns `out_dir`.
 
@@ -205,21 +237,34 @@ def merge_models(
     weights), cast back to the base dtype; non-float tensors are copied from the base. `base` may be left out
     only for methods on raw weights (the first expert then supplies config and tokenizer files).
     LoRA, space="delta_w": τ_i = scaling_i·B_i·A_i merged into `base`; the output is a full model.
-    LoRA, space="factor": the A factors and the B factors are merged separately, no base; the output is an
-    adapter with the first expert's adapter_config.json.
-    Bad inputs raise BadInput naming the expert and tensor, before anything is written.
+    LoRA, space="factor": the A and B factors are merged separately, no base; the output is an adapter
+    (one file) with the first expert's adapter_config.json.
+    Full-model outputs are written in shards of at most `max_shard_bytes`. `seed` seeds random methods,
+    per tensor. Method, parameters, weights and space are validated as `MergeSettings`; bad inputs raise
+    BadInput naming the setting, expert or tensor, before anything is written.
     """
-    m = get_method(method)
-    resolved = m.resolve_params(params)
+    settings = validate(
+        MergeSettings,
+        {
+            "method": method,
+            "parameters": {} if params is None else params,
+            "weights": None if weights is None else list(weights),
+            "space": space,
+            "seed": seed,
+        },
+        "merge",
+    )
+    m = get_method(settings.method)
+    typed_params = m.validate_params(settings.parameters)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise BadInput(f"merge: max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     experts = [Path(e) for e in experts]
     if not experts:
         raise BadInput("merge: no experts given")
     if weights is not None and len(weights) != len(experts):
         raise BadInput(f"merge: {len(weights)} weights for {len(experts)} experts ({', '.join(map(str, experts))})")
-    given = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
-    used = m.resolve_weights(given, len(experts))
-    if space not in SPACES:
-        raise BadInput(f"merge: unknown space {space!r} (known: {', '.join(SPACES)})")
+    given = [1.0] * len(experts) if settings.weights is None else list(settings.weights)
+    run = _Run(m, typed_params, m.resolve_weights(given, len(experts)), seed)
     kinds = {e: _kind(e) for e in experts}
     if len(set(kinds.values())) > 1:
         odd = next(e for e in experts if kinds[e] != kinds[experts[0]])
@@ -232,12 +277,17 @@ def merge_models(
         raise BadInput("merge: space 'factor' applies to LoRA adapters only; these experts are full models")
     if base is None and (kind == "lora" and space == "delta_w" or kind == "full" and m.needs_base):
         raise BadInput(f"merge: method {method!r} on {kind} experts in space {space!r} needs a base model")
+    configs = [_adapter_config(e) for e in experts] if kind == "lora" else []
+    if configs:
+        check_adapters(configs, space, [str(e) for e in experts])
 
     record = {
         "method": method,
-        "parameters": resolved,
+        "method_version": m.version,
+        "parameters": settings.parameters,
         "weights": given,
-        "method_weights": used,
+        "method_weights": run.weights,
+        "seed": seed,
         "experts": [str(e) for e in experts],
         "base": None if base is None else str(base),
         "space": space,
@@ -245,11 +295,11 @@ def merge_models(
     }
     with ExitStack() as stack:
         if kind == "full":
-            build = _full_merge(m, resolved, used, experts, base, stack)
+            build = _full_merge(run, experts, base, stack, max_shard_bytes)
         elif space == "delta_w":
-            build = _delta_w_merge(m, resolved, used, experts, base, stack)
+            build = _delta_w_merge(run, experts, configs, base, stack, max_shard_bytes)
         else:
-            build = _factor_merge(m, resolved, used, experts, stack)
+            build = _factor_merge(run, experts, stack)
 
         def build_and_record(tmp: Path) -> None:
             build(tmp)
@@ -258,7 +308,7 @@ def merge_models(
         return _write_atomically(Path(out_dir), build_and_record)
 
 
-def _full_merge(m, params, weights, experts, base, stack) -> Callable[[Path], None]:
+def _full_merge(run: _Run, experts: list[Path], base: Path | None, stack: ExitStack, max_shard_bytes: int):
     readers = [_Tensors(e, MODEL, stack) for e in experts]
     reference = _Tensors(base, MODEL, stack) if base is not None else readers[0]
     what = f"the base {base}" if base is not None else f"the first expert {experts[0]}"
@@ -266,32 +316,33 @@ def _full_merge(m, params, weights, experts, base, stack) -> Callable[[Path], No
         _check_same_tensors(reference, reader, what)
 
     def build(tmp: Path) -> None:
-        out = {}
+        out = _ShardWriter(tmp, MODEL, max_shard_bytes)
         for name in reference.names():  # one weight at a time
             b = reference.get(name)
             if not b.is_floating_point():  # integer buffers are not merged
-                out[name] = b
+                out.add(name, b)
                 continue
             xs = [r.get(name).float() for r in readers]
-            if m.needs_base:
-                merged = b.float() + m.fn([x - b.float() for x in xs], weights, **params)
+            if run.method.needs_base:
+                merged = b.float() + run.apply([x - b.float() for x in xs], name)
             else:
-                merged = m.fn(xs, weights, **params)
-            out[name] = merged.to(b.dtype).contiguous()
+                merged = run.apply(xs, name)
+            out.add(name, merged.to(b.dtype).contiguous())
+        out.close()
         _copy_side_files(base if base is not None else experts[0], tmp)
-        _save(out, tmp / f"{MODEL}.safetensors")
 
     return build
 
 
-def _delta_w_merge(m, params, weights, experts, base, stack) -> Callable[[Path], None]:
+def _delta_w_merge(
+    run: _Run, experts: list[Path], configs: list[dict], base: Path, stack: ExitStack, max_shard_bytes: int
+):
     base_t = _Tensors(base, MODEL, stack)
     base_shapes = {name: base_t.shape(name) for name in base_t.names()}
     # base weight name -> per expert: (A key, B key, scaling, fan_in_fan_out) or None if not adapted
     plan: dict[str, list[tuple[str, str, float, bool] | None]] = {}
     readers = []
-    for i, expert in enumerate(experts):
-        config = _adapter_config(expert)
+    for i, (expert, config) in enumerate(zip(experts, configs, strict=True)):
         reader = _Tensors(expert, ADAPTER, stack)
         readers.append(reader)
         for module, (a_key, b_key) in _lora_pairs(reader).items():
@@ -314,11 +365,11 @@ def _delta_w_merge(m, params, weights, experts, base, stack) -> Callable[[Path],
     def build(tmp: Path) -> None:
         import torch
 
-        out = {}
+        out = _ShardWriter(tmp, MODEL, max_shard_bytes)
         for name in base_t.names():
             b = base_t.get(name)
             if name not in plan:  # no expert adapts it: every expert equals the base here
-                out[name] = b
+                out.add(name, b)
                 continue
             deltas = []
             for reader, entry in zip(readers, plan[name], strict=True):
@@ -328,126 +379,47 @@ def _delta_w_merge(m, params, weights, experts, base, stack) -> Callable[[Path],
                 a_key, b_key, scaling, fan_in_fan_out = entry
                 delta = (reader.get(b_key).float() @ reader.get(a_key).float()) * scaling
                 deltas.append(delta.T if fan_in_fan_out else delta)
-            out[name] = _merge_tensor(m, b, deltas, weights, params).to(b.dtype).contiguous()
+            b32 = b.float()
+            if run.method.needs_base:  # base + method(τ)
+                merged = b32 + run.apply(deltas, name)
+            else:  # method(base + τ_i) for methods on raw weights
+                merged = run.apply([b32 + d for d in deltas], name)
+            out.add(name, merged.to(b.dtype).contiguous())
+        out.close()
         _copy_side_files(base, tmp)
-        _save(out, tmp / f"{MODEL}.safetensors")
 
     return build
 
 
-def _canonical(value: Any) -> Any:
-    """target_modules is a set that peft saves as a list in no fixed order."""
-    return sorted(value) if isinstance(value, list) else value
-
-
-def _factor_merge(m, params, weights, experts, stack) -> Callable[[Path], None]:
-    configs = [_adapter_config(e) for e in experts]
-    for expert, config in zip(experts[1:], configs[1:], strict=True):
-        for key in _FACTOR_FIELDS:
-            if _canonical(config.get(key)) != _canonical(configs[0].get(key)):
-                raise BadInput(
-                    f"{expert}: {key}={config.get(key)!r} differs from {experts[0]} ({configs[0].get(key)!r});"
-                    " factor-space merging needs identical adapter shapes (use space delta_w)"
-                )
+def _factor_merge(run: _Run, experts: list[Path], stack: ExitStack):
+    # check_adapters has made sure the adapters' shapes agree
     readers = [_Tensors(e, ADAPTER, stack) for e in experts]
     _lora_pairs(readers[0])  # only plain lora_A / lora_B factors
     for reader in readers[1:]:
         _check_same_tensors(readers[0], reader, f"the first expert {experts[0]}")
 
     def build(tmp: Path) -> None:
-        out = {}
+        out = _ShardWriter(tmp, ADAPTER, None)  # adapters are small, and peft loads one file
         for name in readers[0].names():
             first = readers[0].get(name)
-            merged = m.fn([first.float(), *(r.get(name).float() for r in readers[1:])], weights, **params)
-            out[name] = merged.to(first.dtype).contiguous()
+            merged = run.apply([first.float(), *(r.get(name).float() for r in readers[1:])], name)
+            out.add(name, merged.to(first.dtype).contiguous())
+        out.close()
         shutil.copy2(experts[0] / "adapter_config.json", tmp / "adapter_config.json")
-        _save(out, tmp / f"{ADAPTER}.safetensors")
 
     return build
 
 
-# --- YAML configs (`pefteval merge CONFIG --out DIR`) -------------------------------------------------------
-
-_CONFIG_KEYS = ("method", "base_model", "space", "parameters", "experts")
-_EXPERT_KEYS = ("path", "weight")
-
-
-def _describe(value: Any) -> str:
-    return "nothing" if value is None else repr(value)
-
-
 def merge_from_config(config_path: Path, out_dir: Path) -> Path:
-    """Merge as a YAML config says (README "Merge configs"); relative paths resolve against its folder."""
-    config_path = Path(config_path)
-
-    def bad(where: str, msg: str) -> BadInput:
-        return BadInput(f"{config_path}: {where}: {msg}" if where else f"{config_path}: {msg}")
-
-    try:
-        data = yaml.safe_load(config_path.read_text())
-    except OSError as e:
-        raise bad("", f"cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise bad("", f"malformed YAML: {getattr(e, 'problem', None) or e}{where}") from None
-    if not isinstance(data, dict):
-        raise bad("", f"expected a mapping with keys {', '.join(_CONFIG_KEYS)}, got {_describe(data)}")
-    for key in data:
-        if key not in _CONFIG_KEYS:
-            raise bad(str(key), f"unknown key (known: {', '.join(_CONFIG_KEYS)})")
-
-    def string(key: str, value: Any, required: bool = False) -> str | None:
-        if value is None and not required:
-            return None
-        if not isinstance(value, str) or not value:
-            raise bad(key, f"expected a string, got {_describe(value)}")
-        return value
-
-    def resolve(path: str) -> Path:
-        p = Path(path).expanduser()
-        return (p if p.is_absolute() else config_path.parent / p).resolve()
-
-    method = string("method", data.get("method"), required=True)
-    try:
-        m = get_method(method)
-    except BadInput as e:
-        raise bad("method", str(e)) from None
-    space = string("space", data.get("space")) or "delta_w"
-    if space not in SPACES:
-        raise bad("space", f"expected one of {', '.join(SPACES)}, got {space!r}")
-    params = data.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise bad("parameters", f"expected a mapping, got {_describe(params)}")
-    try:
-        m.resolve_params(params)
-    except BadInput as e:
-        raise bad("parameters", str(e)) from None
-    base = string("base_model", data.get("base_model"))
-
-    experts = data.get("experts")
-    if not isinstance(experts, list) or not experts:
-        raise bad("experts", f"expected a non-empty list, got {_describe(experts)}")
-    paths, weights = [], []
-    for i, item in enumerate(experts):
-        where = f"experts[{i}]"
-        if not isinstance(item, dict):
-            raise bad(where, f"expected a mapping with keys path, weight, got {_describe(item)}")
-        for key in item:
-            if key not in _EXPERT_KEYS:
-                raise bad(f"{where}.{key}", f"unknown key (known: {', '.join(_EXPERT_KEYS)})")
-        paths.append(resolve(string(f"{where}.path", item.get("path"), required=True)))
-        weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise bad(f"{where}.weight", f"expected a number, got {_describe(weight)}")
-        weights.append(float(weight))
-
+    """Merge as a YAML recipe says (see `MergeRecipe`); relative paths resolve against its folder."""
+    recipe = load_recipe(Path(config_path))
     return merge_models(
-        method=method,
-        experts=paths,
+        method=recipe.method,
+        experts=recipe.expert_paths,
         out_dir=Path(out_dir),
-        base=resolve(base) if base else None,
-        weights=weights,
-        params=params,
-        space=space,
+        base=None if recipe.base_model is None else Path(recipe.base_model),
+        weights=recipe.expert_weights,
+        params=recipe.parameters,
+        space=recipe.space,
+        seed=0 if recipe.seed is None else recipe.seed,
     )

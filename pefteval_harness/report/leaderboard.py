@@ -1,12 +1,20 @@
-"""The leaderboard: read results from a store (or plain lm-eval results JSONs), write tables.
+"""The leaderboard: read a store (or plain lm-eval results JSONs) into tidy records, render them.
 
 Reading is kept apart from running (the report needs nothing but the files), so a finished store can be
 re-reported anywhere, and results of a plain `lm_eval --output_path` run join the same table.
+
+    collect(root) -> Report          the records of a results folder
+    render(report, fmt) -> str       fmt in FORMATS; a pure function of the records
+    write_reports(root) -> str       leaderboard.md / .csv / .json written atomically; returns the markdown
+
+json is a list of every record (all `Record` fields); csv is every record, one column per field in
+`records.FIELDS` order (lists joined with ";", None empty); markdown is the pivot a reader wants.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -14,54 +22,117 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefteval_harness.errors import BadInput
-from pefteval_harness.store import DONE, FAILED, Store, read_json, write_atomic
+from pefteval_harness.report.records import (
+    FIELDS,
+    Model,
+    Record,
+    aggregate_records,
+    cost_records,
+    failure_record,
+    score_records,
+)
+from pefteval_harness.store import DONE, FAILED, Store, read_json, read_plan, write_atomic
 
 FORMATS = ("markdown", "csv", "json")
-CSV_FIELDS = ["model", "method", "task", "metric", "value", "stderr", "job_id", "error"]
 
 
 @dataclass
 class Report:
-    rows: list[dict] = field(default_factory=list)  # one per (model, task): the leaderboard's cells
-    costs: list[dict] = field(default_factory=list)  # one per finished train job
-    failures: list[dict] = field(default_factory=list)  # one per failed job, any kind
+    records: list[Record] = field(default_factory=list)
+
+    def of(self, kind: str) -> list[Record]:
+        return [r for r in self.records if r.record == kind]
 
 
-def primary_metric(result: dict, task: str) -> tuple[str, float | None, float | None]:
-    """(metric, value, stderr) of a task: its config's first metric under its first filter."""
-    config = result.get("configs", {}).get(task, {})
-    scores = result["results"][task]
-    metric_names = [m["metric"] for m in config.get("metric_list") or [] if isinstance(m.get("metric"), str)]
-    filters = [f["name"] for f in config.get("filter_list") or []] or ["none"]
-    keys = [f"{m},{f}" for m in metric_names for f in filters]
-    keys += [k for k in scores if "," in k and "_stderr" not in k]  # a task without a metric_list
-    for key in keys:
-        if isinstance(scores.get(key), (int, float)):
-            metric, filt = key.split(",", 1)
-            stderr = scores.get(f"{metric}_stderr,{filt}")
-            return metric, float(scores[key]), stderr if isinstance(stderr, (int, float)) else None
-    return "", None, None
+# --- reading -------------------------------------------------------------------------------------------
 
 
-def rows_from_result(result: dict, **model: str) -> list[dict]:
-    """One row per leaf task of an lm-eval results dict (groups are skipped: they aggregate leaves)."""
-    rows = []
-    for task in sorted(result.get("configs") or result["results"]):
-        if task in result["results"]:
-            metric, value, stderr = primary_metric(result, task)
-            rows.append({**model, "task": task, "metric": metric, "value": value, "stderr": stderr})
-    return rows
+def _kind(job: dict) -> str:
+    return (job.get("config") or {}).get("kind") or job.get("kind", "")
+
+
+def _model_name(ref: dict | None, jobs: dict[str, dict]) -> str | None:
+    """A model reference as the spec would name it: the tiny builder, a path, a hub id, another job's label."""
+    if not ref:
+        return None
+    if ref.get("kind") == "artifact" or "job" in ref:
+        job = jobs.get(ref.get("job", ""), {})
+        return (job.get("config") or {}).get("builder") if _kind(job) == "base" else job.get("label")
+    return ref.get("path") or ref.get("repo")
+
+
+def _fallback_model(job: dict, jobs: dict[str, dict]) -> Model:
+    """Lineage of a job no evaluation describes (an expert not evaluated, a failed base): from its config."""
+    config, label = job.get("config") or {}, job.get("label", "")
+    kind = _kind(job)
+    if kind == "base":
+        return Model(model=label, method="base", base=config.get("builder"))
+    if kind == "train":
+        tasks = (config.get("train") or {}).get("tasks") or config.get("tasks") or ()
+        return Model(model=label, method=config.get("method", ""), base=_model_name(config.get("base"), jobs),
+                     trained_on=tuple(tasks))  # fmt: skip
+    if kind == "merge":
+        experts = [jobs.get(e, {}).get("label", e) for e in config.get("experts") or ()]
+        return Model(
+            model=label,
+            method=f"merge:{config.get('method', '')}",
+            base=_model_name(config.get("base"), jobs),
+            merge_method=config.get("method"),
+            experts=tuple(experts),
+            k=len(experts),
+            seed=config.get("seed"),
+        )
+    return Model(model=label, method=config.get("method", ""))
+
+
+def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> list[Record]:
+    """Records of the store's jobs, in the given order: scores and evaluation failures, training costs,
+    failures of other jobs. Jobs without a status (not run yet) give nothing."""
+    by_id = {job["id"]: job for job in jobs}
+    lineages = {}
+    for job in jobs:
+        lineage = (job.get("config") or {}).get("lineage")
+        if _kind(job) == "evaluate" and lineage:
+            lineages.setdefault(job["label"], Model.from_lineage(lineage, job["label"]))
+    leaves = {name: list(group.get("tasks") or []) for name, group in groups.items()}
+    records: list[Record] = []
+    for job in jobs:
+        status = store.status(job["id"])
+        if status is None or status.get("state") not in (DONE, FAILED):
+            continue
+        kind, config = _kind(job), job.get("config") or {}
+        if kind == "evaluate" and config.get("lineage"):
+            model = Model.from_lineage(config["lineage"], job["label"])
+        else:
+            model = lineages.get(job["label"]) or _fallback_model(job, by_id)
+        if kind == "evaluate":
+            task = config.get("task")
+            member_of = [g for g, tasks in leaves.items() if task in tasks]
+            result = store.result(job["id"]) if status["state"] == DONE else None
+            if status["state"] == FAILED:
+                records.append(failure_record(model, job["id"], status, task, member_of))
+            elif result is None or not isinstance(result.get("results"), dict):
+                missing = {"reason": "done, but its result.json has no lm-eval results", "error_class": "error"}
+                records.append(failure_record(model, job["id"], missing, task, member_of))
+            else:
+                scores = score_records(result, model, job["id"], groups=leaves)
+                records += [r for r in scores if r.record == "score"]  # groups: recomputed from the plan
+        elif status["state"] == FAILED:
+            records.append(failure_record(model, job["id"], status))
+        elif kind == "train":
+            records += cost_records(model, job["id"], store.result(job["id"]) or {})
+    return records
 
 
 def _plain_lm_eval_results(root: Path) -> list[tuple[Path, dict]]:
     """lm-eval results JSONs under `root` that are not a store's own files."""
     paths = []
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [d for d in subfolders if d != "jobs"]  # a store's job folders: never walked
+        subfolders[:] = sorted(d for d in subfolders if d != "jobs")  # a store's job folders: never walked
         paths += [Path(folder) / f for f in files if f.endswith(".json")]
     found = []
     for path in sorted(paths):
-        if path.name in ("plan.json", "leaderboard.json"):
+        if path.parent == root and path.name in ("plan.json", "leaderboard.json"):
             continue
         try:
             data = read_json(path)
@@ -72,78 +143,29 @@ def _plain_lm_eval_results(root: Path) -> list[tuple[Path, dict]]:
     return found
 
 
-def _cost(job: dict, result: dict) -> dict:
-    share = result["trainable_params"] / result["total_params"]
-    return {
-        "model": job["label"],
-        "method": result["method"],
-        "trainable params": f"{result['trainable_params']:,} ({share:.1%})",
-        "steps": result["steps"],
-        "train s": f"{result['train_seconds']:.1f}",
-        "peak RSS MB": f"{result['peak_rss_mb']:.0f}",
-        "artifact MB": f"{result['artifact_bytes'] / 2**20:.2f}",
-    }
-
-
 def collect(root: str | Path) -> Report:
-    """Everything in a store (the jobs of its latest plan, if it has one) and in lm-eval result files."""
+    """The records of a results folder: the jobs of its latest plan (in plan order; every job folder if it
+    has no plan.json), the plan's group aggregates, then plain lm-eval results JSONs found outside jobs/."""
     root = Path(root)
     if not root.is_dir():
         raise BadInput(f"{root}: no such results folder")
-    store, report = Store(root), Report()
+    store = Store(root)
     plan_path = root / "plan.json"
-    if plan_path.exists():  # the latest run's jobs, in its order (base, fine-tunes, merges)
-        jobs = [(job, store.status(job["id"])) for job in read_json(plan_path)["jobs"]]
+    if plan_path.exists():
+        plan = read_plan(plan_path)
+        jobs, groups = plan.get("jobs") or [], plan.get("groups") or {}
     else:
-        jobs = list(store.jobs())
-    for job, status in jobs:
-        if status is None:
-            continue
-        model = {"model": job["label"], "method": job["config"].get("method", ""), "job_id": job["id"]}
-        if status["state"] == FAILED:
-            report.failures.append({**model, "kind": job["kind"], "reason": status.get("reason", "")})
-        if job["kind"] == "evaluate" and status["state"] == DONE:
-            report.rows += rows_from_result(store.result(job["id"]), **model)
-        elif job["kind"] == "evaluate":
-            error = {"metric": "", "value": None, "stderr": None, "error": status.get("reason", status["state"])}
-            report.rows += [{**model, "task": task, **error} for task in job["config"]["tasks"]]
-        elif job["kind"] == "train" and status["state"] == DONE:
-            report.costs.append(_cost(job, store.result(job["id"])))
+        jobs, groups = [job for job, _ in store.jobs()], {}
+    records = store_records(store, jobs, groups)
+    records += aggregate_records(records, groups)
     for path, result in _plain_lm_eval_results(root):
-        args = result.get("config", {}).get("model_args")
+        args = (result.get("config") or {}).get("model_args")
         label = result.get("model_name") or (json.dumps(args) if isinstance(args, dict) else str(args))
-        report.rows += rows_from_result(result, model=label, method="lm-eval", job_id=str(path.relative_to(root)))
-    return report
+        records += score_records(result, Model(model=label, method="lm-eval"), str(path.relative_to(root)))
+    return Report(records)
 
 
-def to_markdown(report: Report) -> str:
-    """One row per model, one column per task (its primary metric) and the mean; then costs, failures."""
-    from tabulate import tabulate
-
-    def table(rows, headers) -> str:
-        return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
-
-    if not report.rows:
-        return "No results yet.\n"
-    tasks = sorted({r["task"] for r in report.rows})
-    metrics = {r["task"]: r["metric"] for r in report.rows if r["metric"]}
-    models: dict[str, dict] = {}
-    for r in report.rows:
-        entry = models.setdefault(r["model"], {"method": r["method"], "scores": {}})
-        entry["scores"][r["task"]] = "FAILED" if r.get("error") else r["value"]
-    lines = []
-    for name, entry in models.items():
-        cells = [entry["scores"].get(t) for t in tasks]
-        numbers = [c for c in cells if isinstance(c, float)]
-        mean = sum(numbers) / len(numbers) if len(numbers) == len(tasks) else None
-        lines.append([name, entry["method"], *(_cell(c) for c in cells), _cell(mean)])
-    text = table(lines, ["model", "method", *(f"{t} ({metrics.get(t, '?')})" for t in tasks), "average"])
-    if report.costs:
-        text += "\nTraining cost (wall time and memory depend on the machine):\n\n" + table(report.costs, "keys")
-    if report.failures:
-        failures = [[f["kind"], f["model"], f["job_id"], f["reason"]] for f in report.failures]
-        text += "\nFailed jobs:\n\n" + table(failures, ["kind", "model", "job id", "reason"])
-    return text
+# --- rendering: pure functions of the records -------------------------------------------------------------
 
 
 def _cell(value) -> str:
@@ -152,22 +174,145 @@ def _cell(value) -> str:
     return value if isinstance(value, str) else f"{value:.3f}"
 
 
+def _table(rows: list[list], headers: list[str]) -> str:
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+
+
+def _metric_label(shown: list[Record], every: list[Record]) -> str:
+    """The metric of the `shown` records, for a header; with its filter when the task (or group) has that
+    metric under several filters (`every`: all its rows); " / " between them if models differ."""
+    filters = {(r.metric, r.filter) for r in every}
+    pairs = dict.fromkeys((r.metric, r.filter) for r in shown)
+
+    def label(metric, filt):
+        several = sum(m == metric for m, _ in filters) > 1
+        return f"{metric}, {filt}" if several else metric
+
+    return " / ".join(label(metric, filt) for metric, filt in pairs) or "?"
+
+
+def _comparable(records: list[Record]) -> bool:
+    """Scores an average may mix: higher is better and within [0, 1] (accuracies, exact match, F1...)."""
+    values = [r.value for r in records if r.value is not None]
+    return bool(values) and all(r.higher_is_better is True for r in records) and all(0 <= v <= 1 for v in values)
+
+
+def scores_table(records: list[Record]) -> str:
+    """One row per model: its method, each task's primary metric, each group's aggregate, the average."""
+    primaries = [r for r in records if r.record == "score" and r.primary]
+    aggregates = [r for r in records if r.record == "aggregate" and r.primary]
+    failed = {(r.model, r.task) for r in records if r.record == "failure" and r.task is not None}
+    rows = [r for r in records if r.record in ("score", "aggregate") or (r.record == "failure" and r.task)]
+    if not rows:
+        return ""
+    methods: dict[str, str] = {}
+    for r in rows:
+        methods.setdefault(r.model, r.method)
+    tasks = sorted({r.task for r in primaries} | {task for _, task in failed})
+    groups = sorted({r.group for r in aggregates})
+    by_task = {t: [r for r in primaries if r.task == t] for t in tasks}
+    by_group = {g: [r for r in aggregates if r.group == g] for g in groups}
+    value = {(r.model, "task", r.task): r.value for r in primaries}
+    value |= {(r.model, "group", r.group): r.value for r in aggregates}
+    averaged = [t for t in tasks if _comparable(by_task[t])]
+    lines = []
+    for model, method in methods.items():
+        cells = []
+        for t in tasks:
+            v = value.get((model, "task", t))
+            cells.append(_cell("FAILED" if v is None and (model, t) in failed else v))
+        cells += [_cell(value.get((model, "group", g))) for g in groups]
+        if averaged:
+            scores = [value.get((model, "task", t)) for t in averaged]
+            cells.append(_cell(sum(scores) / len(scores) if None not in scores else None))
+        lines.append([model, method, *cells])
+    headers = ["model", "method"]
+    every = [r for r in records if r.record in ("score", "aggregate")]
+    headers += [f"{t} ({_metric_label(by_task[t], [r for r in every if r.task == t])})" for t in tasks]
+    headers += [f"{g} ({_metric_label(by_group[g], [r for r in every if r.group == g])})" for g in groups]
+    if averaged:
+        metrics = dict.fromkeys(r.metric for t in averaged for r in by_task[t])
+        headers.append(f"average ({', '.join(metrics)})")
+    text = _table(lines, headers)
+    left_out = [t for t in tasks if t not in averaged and by_task[t]]
+    if left_out:
+        note = "The average leaves out tasks whose primary metric is not a score in [0, 1] where higher is better"
+        text += f"\n{note}: {', '.join(left_out)}.\n"
+    return text
+
+
+def _quantity(quantities: dict[str, Record], name: str, fmt) -> str:
+    return fmt(quantities[name].value) if name in quantities else "-"
+
+
+def costs_table(records: list[Record]) -> str:
+    costs = [r for r in records if r.record == "cost"]
+    if not costs:
+        return ""
+    jobs: dict[str, dict[str, Record]] = {}
+    for r in costs:
+        jobs.setdefault(r.job_id, {})[r.metric] = r
+    rows = []
+    for quantities in jobs.values():
+        first = next(iter(quantities.values()))
+        get = functools.partial(_quantity, quantities)
+        params = get("trainable_params", lambda v: f"{int(v):,}")
+        if "trainable_share" in quantities:
+            params += f" ({quantities['trainable_share'].value:.1%})"
+        rows.append([
+            first.model, first.method, params, get("steps", lambda v: f"{v:.0f}"),
+            get("train_seconds", lambda v: f"{v:.1f}"), get("peak_rss_mb", lambda v: f"{v:.0f}"),
+            get("artifact_mb", lambda v: f"{v:.2f}"), get("examples_without_answer", lambda v: f"{v:.0f}"),
+        ])  # fmt: skip
+    headers = ["model", "method", "trainable params", "steps", "train s", "peak RSS MB", "artifact MB",
+               "examples without answer"]  # fmt: skip
+    return "\nTraining cost (wall time and memory depend on the machine):\n\n" + _table(rows, headers)
+
+
+def failures_table(records: list[Record]) -> str:
+    failures = [r for r in records if r.record == "failure"]
+    if not failures:
+        return ""
+    rows = [[r.model, r.task or "-", r.job_id, r.error_class or "-", r.error] for r in failures]
+    return "\nFailed jobs:\n\n" + _table(rows, ["model", "task", "job id", "class", "reason"])
+
+
+def to_markdown(records: list[Record]) -> str:
+    text = scores_table(records) + costs_table(records) + failures_table(records)
+    return text.lstrip("\n") if text else "No results yet.\n"
+
+
+def to_csv(records: list[Record]) -> str:
+    def cell(value):
+        if isinstance(value, list):
+            return ";".join(value)
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return "" if value is None else value
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: cell(v) for k, v in r.to_dict().items()} for r in records)
+    return out.getvalue()
+
+
+def to_json(records: list[Record]) -> str:
+    return json.dumps([r.to_dict() for r in records], indent=2) + "\n"
+
+
 def render(report: Report, fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(report.rows, indent=2) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(report.rows)
-        return out.getvalue()
-    return to_markdown(report)
+    renderers = {"markdown": to_markdown, "csv": to_csv, "json": to_json}
+    if fmt not in renderers:
+        raise BadInput(f"--format {fmt}: not one of {', '.join(FORMATS)}")
+    return renderers[fmt](report.records)
 
 
 def write_reports(root: str | Path) -> str:
-    """Write leaderboard.md, .csv and .json into the store; return the markdown."""
+    """Write leaderboard.md, .csv and .json into the folder; return the markdown."""
     report = collect(root)
     for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):
-        text = render(report, fmt)
-        write_atomic(Path(root) / f"leaderboard.{suffix}", text)
-    return text
+        write_atomic(Path(root) / f"leaderboard.{suffix}", render(report, fmt))
+    return render(report, "markdown")

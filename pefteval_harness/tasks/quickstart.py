@@ -1,4 +1,4 @@
-"""The quickstart tasks (CATALOGUE.md §5): small synthetic datasets generated from a seed, no download.
+"""The quickstart tasks: small synthetic datasets generated from a seed, no download.
 
 Each generator returns a list of records for a split. The lm-eval YAMLs in
 `task_configs/quickstart/` load them through `custom_dataset: !function utils.<task>`, so the tasks are

@@ -1,0 +1,186 @@
+"""Typed job configurations: what each kind of job needs to run, and nothing else.
+
+A `Job` is the envelope the planner, runner, store and report share (id, label, dependencies,
+resources); its `config` is one of the kind-specific models below, discriminated on `kind`. Everything
+that determines a job's output is in its config, so the job id is a hash of the config (plus the
+implementation versions); plan.json and each job's job.json hold these models as JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PLAN_SCHEMA = 2  # bump when plan.json / job.json change shape; older stores are refused with a message
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- model references ---------------------------------------------------------------------------------
+
+
+class ArtifactRef(_Frozen):
+    """The artifact (model or adapter folder) of another job of the plan."""
+
+    kind: Literal["artifact"] = "artifact"
+    job: str
+
+
+class LocalRef(_Frozen):
+    """A model folder on a path every worker sees; `fingerprint` changes when its files change."""
+
+    kind: Literal["local"] = "local"
+    path: str
+    fingerprint: str
+
+
+class HubRef(_Frozen):
+    """A HuggingFace hub model, pinned at plan time to the commit `revision`."""
+
+    kind: Literal["hub"] = "hub"
+    repo: str
+    revision: str
+
+
+ModelRef = Annotated[ArtifactRef | LocalRef | HubRef, Field(discriminator="kind")]
+
+
+class LoadedModel(_Frozen):
+    """What an evaluation loads: a full model, and optionally a peft adapter on top of it."""
+
+    base: ModelRef
+    adapter: ModelRef | None = None
+
+
+# --- what the report needs to know about a model -------------------------------------------------------
+
+
+class MergeLineage(_Frozen):
+    method: str
+    experts: list[str]  # the experts' labels
+    k: int
+    seed: int
+
+
+class Lineage(_Frozen):
+    model: str  # the leaderboard label
+    method: str  # "base", a fine-tuning method name, or "merge:<method>"
+    base: str  # the base model as the spec names it
+    trained_on: list[str] = []
+    merge: MergeLineage | None = None
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+class TrainSettings(_Frozen):
+    """How a fine-tune is trained. Set once under `train:` in the spec and overridden per fine-tune."""
+
+    tasks: list[str] = Field(default_factory=list, description="task names or globs; their training splits")
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="stop after this many optimiser steps (-1: run all epochs)")
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(128, ge=8, description="longest training sequence, in tokens")
+    limit: int | None = Field(None, ge=1, description="at most this many training docs per task")
+    warmup: float = Field(0.0, ge=0, description="warm-up steps, or a fraction of all steps if below 1")
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal[  # transformers' SchedulerType names
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = "linear"
+
+
+class DeepSpeedSettings(_Frozen):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    config: dict[str, Any] = Field(default_factory=dict, description="extra DeepSpeed config keys, merged in")
+
+
+class EvaluateSettings(_Frozen):
+    """What lm-eval's `simple_evaluate` takes for one task (names as lm-eval spells them)."""
+
+    limit: int | float | None = Field(None, gt=0, description="docs per task (a fraction if below 1)")
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int | str = 8
+    bootstrap_iters: int = Field(100000, ge=0)
+    gen_kwargs: dict[str, Any] | None = Field(None, description="generation arguments for generative tasks")
+    apply_chat_template: bool | str = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = False
+    confirm_run_unsafe_code: bool = Field(False, description="let tasks execute model-written code")
+
+
+# --- job configs, one per kind -----------------------------------------------------------------------
+
+
+class BaseConfig(_Frozen):
+    """Build the embedded tiny model."""
+
+    kind: Literal["base"] = "base"
+    builder: Literal["tiny"] = "tiny"
+    fingerprint: str
+
+
+class TrainConfig(_Frozen):
+    kind: Literal["train"] = "train"
+    method: str
+    method_version: int
+    peft: dict[str, Any] | None  # the method's parameters (peft config fields); None for full fine-tuning
+    deepspeed: DeepSpeedSettings | None
+    train: TrainSettings  # tasks: the resolved task names
+    task_identities: dict[str, str]
+    base: ModelRef
+    seed: int
+    trust_remote_code: bool
+    include_paths: list[str]
+
+
+class MergeConfig(_Frozen):
+    kind: Literal["merge"] = "merge"
+    method: str
+    method_version: int
+    parameters: dict[str, Any]  # resolved, defaults filled in
+    weights: list[float] | None
+    space: Literal["delta_w", "factor"]
+    experts: list[str]  # train job ids
+    base: ModelRef
+    seed: int
+    produces: Literal["model", "adapter"]
+
+
+class EvaluateConfig(_Frozen):
+    kind: Literal["evaluate"] = "evaluate"
+    task: str
+    task_identity: str
+    model: LoadedModel
+    lineage: Lineage
+    settings: EvaluateSettings
+    seed: int
+    trust_remote_code: bool
+    include_paths: list[str]
+
+
+JobConfig = Annotated[BaseConfig | TrainConfig | MergeConfig | EvaluateConfig, Field(discriminator="kind")]
+
+
+class Resources(_Frozen):
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+
+class Job(_Frozen):
+    id: str
+    label: str  # the model's name in the leaderboard
+    deps: list[str] = []
+    resources: Resources = Resources()
+    spec_hash: str = ""
+    config: JobConfig
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind

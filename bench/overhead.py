@@ -102,10 +102,14 @@ def baseline_phases(out: Path, start: float, end: float) -> tuple[dict, dict]:
 
 
 def candidate_phases(out: Path, stderr: Path, ray_tmp: Path, start: float, end: float) -> tuple[dict, dict]:
-    """pefteval: start-up to ray.init; Ray start-up; worker start until simple_evaluate; evaluation; rest."""
-    (path,) = out.glob("jobs/evaluate-*/result.json")
-    results = json.loads(path.read_text())
-    began, written = results["date"], path.stat().st_mtime
+    """pefteval: start-up to ray.init; Ray start-up; worker start until simple_evaluate; evaluation; rest.
+
+    One evaluation job per task, all run by one worker that loads the model once and builds each task
+    before scoring them: evaluation spans from the first simple_evaluate to the last result written.
+    """
+    paths = sorted(out.glob("jobs/evaluate-*/result.json"))
+    results = [json.loads(path.read_text()) for path in paths]
+    began, written = min(r["date"] for r in results), max(path.stat().st_mtime for path in paths)
     phases: dict[str, float] = {}
     # ray.init names its session folder after the moment it starts the node (local time, microseconds).
     sessions = [m for p in (ray_tmp / "ray").glob("session_*") if (m := SESSION.match(p.name))]
@@ -120,7 +124,7 @@ def candidate_phases(out: Path, stderr: Path, ray_tmp: Path, start: float, end: 
         phases["startup"] = began - start
     phases["evaluate"] = written - began
     phases["finish"] = end - written
-    return phases, scores(results)
+    return phases, {key: value for r in results for key, value in scores(r).items()}
 
 
 BASELINE_PHASES = {
@@ -131,8 +135,8 @@ BASELINE_PHASES = {
 CANDIDATE_PHASES = {
     "startup": "Python start, imports, spec + plan",
     "ray_init": "local Ray start-up (ray.init)",
-    "worker": "worker process, imports, TaskManager (plugin)",
-    "evaluate": "simple_evaluate until result.json written",
+    "worker": "worker process, imports, model load, each task built",
+    "evaluate": "simple_evaluate (tasks sharing settings together), until the last result.json",
     "finish": "report, Ray shutdown, process exit",
 }
 

@@ -151,10 +151,12 @@ def cmd_merge(args) -> int:
 
 def cmd_tiny_model(args) -> int:
     from pefteval_harness import tiny_model
+    from pefteval_harness.numerics import pin_numerics
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise BadInput(f"--out: {out} exists and is not empty")
+    pin_numerics(1)  # the same bits as the `base_model: tiny` job of a run builds
     print(f"tiny model written to {tiny_model.build(out)}")
     return 0
 

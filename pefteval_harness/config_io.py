@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 from pefteval_harness.errors import BadInput
@@ -44,6 +44,13 @@ def error_message(error: ValidationError) -> tuple[str, str]:
         sub, msg = err["ctx"]["path"], err["ctx"]["message"]
         where = sub if not where else where + (sub if sub.startswith("[") else f".{sub}")
     return where, msg
+
+
+def resolve_path(path: str, info: ValidationInfo) -> Path:
+    """A path from a YAML file: relative ones are relative to that file's folder (`root` in the context)."""
+    p = Path(path).expanduser()
+    root = (info.context or {}).get("root")
+    return (p if p.is_absolute() or root is None else Path(root) / p).resolve()
 
 
 def load_mapping(path: Path, what: str) -> dict[str, Any]:

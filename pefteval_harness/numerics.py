@@ -13,8 +13,9 @@ Where the numbers depend on the machine (measured on the tiny quickstart model, 
 
 All three ISA variables are read lazily, when torch first dispatches a kernel / calls MKL / oneDNN,
 not at `import torch`; set after that first use they are silently ignored (torch has no runtime switch).
-So the runner passes NUMERICS_ENV as the Ray task's runtime_env (set before the worker starts), and
-`pin_numerics` sets them again for callers outside Ray and reports when it was too late to be sure.
+So a local Ray's workers inherit NUMERICS_ENV from the driver (`runner.init_ray` sets it before Ray
+starts), and `pin_numerics` sets it again first thing in every job, before torch computes anything (a Ray
+worker does not import torch before the job runs), and reports when it was too late to be sure.
 
 Not pinned (cannot be from here): AMD CPUs (MKL's AVX2 branch is documented for Intel CPUs only), CPUs
 without AVX2 (ATen falls back to its default kernels), a different thread count (part of the job's
@@ -29,8 +30,8 @@ import warnings
 
 from pefteval_harness.errors import BadInput
 
-# AVX2, not AVX512: every x86 server CPU of the last decade has it, and on the quickstart it runs as fast
-# as AVX512 ("default", the portable scalar kernels, trains 5-10x slower).
+# AVX2, not AVX512: every x86 server CPU of the last decade has it, and quickstart training runs as fast
+# as with AVX512 ("default", ATen's portable kernels, trained 25-30% slower).
 NUMERICS_ENV: dict[str, str] = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2",
@@ -58,8 +59,8 @@ def pin_numerics(threads: int) -> dict:
     # Guards the few CPU ops with a nondeterministic path; warn_only: an op without a deterministic
     # implementation (CUDA mostly) warns instead of failing the job.
     torch.use_deterministic_algorithms(True, warn_only=True)
-    # Deterministic mode would also fill every torch.empty with NaN: DeepSpeed's ZeRO buckets made that
-    # 30x slower on the quickstart, and it only matters for code that reads memory it never wrote.
+    # Deterministic mode would also fill every torch.empty with NaN: DeepSpeed's ZeRO buckets made full
+    # fine-tuning over 30x slower on the quickstart, and it only matters for code that reads memory it never wrote.
     torch.utils.deterministic.fill_uninitialized_memory = False
     capability = torch.backends.cpu.get_cpu_capability()  # ATen decides here if it has not yet
     if late:

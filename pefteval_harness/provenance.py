@@ -22,9 +22,12 @@ def package_version(name: str) -> str | None:
 
 @cache
 def numeric_versions() -> dict[str, str | None]:
+    """What changes numbers besides a job's own config: package versions and the pinned CPU numerics."""
     from pefteval_harness import __version__
+    from pefteval_harness.numerics import NUMERICS_ENV
 
-    return {"pefteval_harness": __version__, **{p: package_version(p) for p in NUMERIC_PACKAGES}}
+    versions = {"pefteval_harness": __version__, **{p: package_version(p) for p in NUMERIC_PACKAGES}}
+    return {**versions, "numerics": ",".join(f"{k}={v}" for k, v in sorted(NUMERICS_ENV.items()))}
 
 
 def _git(args: list[str], cwd: Path) -> str | None:
@@ -35,19 +38,22 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+PACKAGE = Path(__file__).resolve().parent
+
+
 @cache
-def source_revision() -> dict | None:
+def source_revision(package: Path = PACKAGE) -> dict | None:
     """The commit of the pefteval checkout this code runs from, with a dirty flag; None when installed.
 
     Only pefteval's own repository counts: a package installed inside a user's repository (a venv in
     their project) must not record the user's commit, so the git top level must be the package's parent.
     """
-    package = Path(__file__).resolve().parent
     top = _git(["rev-parse", "--show-toplevel"], package)
     if top is None or Path(top).resolve() != package.parent:
         return None
     sha = _git(["rev-parse", "HEAD"], package)
-    changes = _git(["status", "--porcelain", "--", "pefteval_harness", "task_configs", "pyproject.toml"], package)
+    tracked = ["pefteval_harness", "task_configs", "pyproject.toml"]  # what changes the results
+    changes = _git(["status", "--porcelain", "--", *tracked], package.parent)
     return {"sha": sha, "dirty": bool(changes)} if sha else None
 
 

@@ -3,7 +3,7 @@
 - A job whose result is in the store is never run again; a job another live run holds (its claim in
   the store) is waited for, not run twice.
 - Ready evaluation jobs of one model (same model, batch size and resources) go to one worker, which
-  loads the model once; each job is still recorded on its own.
+  loads the model once (up to `EVALUATIONS_PER_WORKER` tasks each); each job is recorded on its own.
 - A failed job is retried up to `max_retries` times unless its failure is deterministic (bad input);
   then it is recorded as failed with its reason and class, and every job downstream of it as failed
   because of it. Ray itself retries a worker that dies (`max_retries` on the task).
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # authentication (on by default in Ray 2.60) is pointless for a Ray only this process uses.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 POLL_SECONDS = 2.0  # how often the driver looks at jobs another run is doing
+# A model's ready evaluations share a worker (one model load) in groups of at most this many tasks, so
+# that a grid of many tasks still spreads over a cluster's workers.
+EVALUATIONS_PER_WORKER = 8
 
 
 @dataclass
@@ -41,10 +44,14 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
     A plain run never joins a Ray it was not told about: `address="local"` starts a fresh one even when
     the machine's Ray temp folder names another (possibly dead) cluster. `--address auto` joins that one.
     """
+    from pefteval_harness.numerics import NUMERICS_ENV
+
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         # Ray reads these when it is imported: set them before the import, and check that it worked.
-        os.environ.update(LOOPBACK_ENV)
+        # The numerics pins too: a local Ray's workers inherit them from the start (on a cluster, each
+        # job sets them itself before torch computes anything: `numerics.pin_numerics`).
+        os.environ.update({**LOOPBACK_ENV, **NUMERICS_ENV})
     import ray
 
     if ray.is_initialized():
@@ -89,7 +96,10 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         while not self.stop.wait(20):
-            self.store.refresh_claims(sorted(self.held), self.owner)
+            try:
+                self.store.refresh_claims(list(self.held), self.owner)
+            except Exception:  # a storage hiccup must not stop the heartbeat for good
+                log.warning("could not refresh this run's claims", exc_info=True)
 
     def __enter__(self):
         self.thread.start()
@@ -106,7 +116,6 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
     import ray
 
     from pefteval_harness.jobs import run_batch
-    from pefteval_harness.numerics import NUMERICS_ENV
 
     # A fresh worker process per task: training sets process-wide state (torch.distributed, DeepSpeed
     # environment), and the peak memory a job records is then its own.
@@ -134,7 +143,7 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
             error_class=outcome["error_class"],
             attempts=attempts.get(job.id, 0),
         )
-        log.error("FAILED %s %s: %s", job.kind, job.label, outcome["reason"])
+        log.error("FAILED %s: %s", _name(job), outcome["reason"])
 
     def submit(batch: list[Job]) -> None:
         for job in batch:
@@ -145,7 +154,6 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
             num_gpus=res.num_gpus,
             max_retries=max_retries,  # the worker process died: Ray runs the task again
             name=f"{batch[0].kind}:{batch[0].label}" + (f" ({len(batch)} tasks)" if len(batch) > 1 else ""),
-            runtime_env={"env_vars": NUMERICS_ENV},
         )
         if res.memory_gb:
             options["memory"] = int(res.memory_gb * 2**30)
@@ -175,7 +183,7 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
                     continue
                 if not store.claim(job.id, owner):
                     if job.id not in elsewhere:
-                        log.info("%s %s is being run by another run; waiting for it", job.kind, job.label)
+                        log.info("%s is being run by another run; waiting for it", _name(job))
                     elsewhere.add(job.id)
                     continue
                 elsewhere.discard(job.id)
@@ -183,7 +191,8 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
                 key = _batch_key(job)
                 batches.setdefault(key or job.id, []).append(job)
             for batch in batches.values():
-                submit(batch)
+                for start in range(0, len(batch), EVALUATIONS_PER_WORKER):
+                    submit(batch[start : start + EVALUATIONS_PER_WORKER])
             if not in_flight and not elsewhere:
                 break
             if not in_flight:  # only jobs of another run left: look again in a moment
@@ -203,9 +212,9 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
                     if outcome["state"] == DONE:
                         state[job.id] = DONE
                         summary.ran.append(job.id)
-                        log.info("done %s %s %s", job.kind, job.label, getattr(job.config, "task", ""))
+                        log.info("done %s", _name(job))
                     elif outcome.get("retryable") and attempts[job.id] <= max_retries:
-                        log.warning("retrying %s %s: %s", job.kind, job.label, outcome["reason"])
+                        log.warning("retrying %s: %s", _name(job), outcome["reason"])
                         retry.append(job)
                     else:
                         fail(job, outcome)
@@ -215,6 +224,10 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
                 if retry:
                     submit(retry)
     return summary
+
+
+def _name(job: Job) -> str:
+    return f"{job.kind} {job.label}" + (f" on {job.config.task}" if job.kind == "evaluate" else "")
 
 
 def _cause(error: Exception) -> str:

@@ -16,20 +16,13 @@ from typing import Any
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pefteval_harness.config_io import at, error_message, load_mapping, validate
+from pefteval_harness.config_io import at, error_message, load_mapping, resolve_path, validate
 from pefteval_harness.errors import BadInput
 from pefteval_harness.jobs.types import DeepSpeedSettings, EvaluateSettings, Resources, TrainSettings, _Frozen
 from pefteval_harness.merging.config import MergeSettings
 
 TINY = "tiny"
 BASE_LABEL = "base"
-
-
-def _resolve(path: str, info: ValidationInfo) -> Path:
-    """A path from the spec: relative ones are relative to the spec's folder (the `root` in the context)."""
-    p = Path(path).expanduser()
-    root = (info.context or {}).get("root")
-    return p if p.is_absolute() or root is None else Path(root) / p
 
 
 class FinetuneSpec(_Frozen):
@@ -123,7 +116,7 @@ class Spec(_Frozen):
     def _task_folders_exist(cls, paths: list[str], info: ValidationInfo) -> list[str]:
         resolved = []
         for i, path in enumerate(paths):
-            folder = _resolve(path, info).resolve()
+            folder = resolve_path(path, info)
             if not folder.is_dir():
                 raise at(f"[{i}]", f"no such task folder {path!r} ({folder})")
             resolved.append(str(folder))
@@ -132,13 +125,13 @@ class Spec(_Frozen):
     @field_validator("base_model")
     @classmethod
     def _local_base_is_absolute(cls, name: str, info: ValidationInfo) -> str:
-        path = _resolve(name, info)
-        return str(path.resolve()) if name != TINY and path.exists() else name
+        path = resolve_path(name, info)
+        return str(path) if name != TINY and path.exists() else name
 
     @field_validator("output")
     @classmethod
     def _output_is_absolute(cls, output: str | None, info: ValidationInfo) -> str | None:
-        return None if output is None else str(_resolve(output, info).resolve())
+        return None if output is None else str(resolve_path(output, info))
 
     @model_validator(mode="after")
     def _names_and_references(self) -> Spec:

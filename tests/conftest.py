@@ -27,9 +27,26 @@ os.environ.pop("RAY_ADDRESS", None)  # tests start their own loopback Ray, never
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from pefteval_harness import tiny_model
+    """The embedded default model, built as users build it (`pefteval tiny-model`, numerics pinned)."""
+    import subprocess
 
-    return tiny_model.build(tmp_path_factory.mktemp("tiny") / "model")
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    subprocess.run([*PEFTEVAL, "tiny-model", "--out", str(out)], check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture
+def isolated_process_state():
+    """For tests that run a job in this process: its numerics pins (environment, torch threads) are undone."""
+    import torch
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
 
 
 @pytest.fixture(scope="session")

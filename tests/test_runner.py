@@ -141,3 +141,16 @@ def test_two_runs_sharing_a_folder_never_run_a_job_twice(tmp_path, task_folder):
     ran = [int(stdout.split(" jobs ran")[0].rsplit("\n", 1)[-1]) for stdout, _ in outputs]
     assert sum(ran) == 3  # base + two evaluations, each run by exactly one of the two runs
     assert not list(out.glob("jobs/*/claim"))  # every claim released
+
+
+def test_a_plain_run_never_joins_a_leftover_ray(tmp_path, task_folder):
+    """A `ray start` that was killed leaves its address file behind; `ray.init()` would join that dead
+    cluster and retry forever. A plain run must start its own Ray instead."""
+    folder, _ = task_folder
+    ray_tmp = tmp_path / "r"
+    (ray_tmp / "ray").mkdir(parents=True)
+    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
+    spec = write_spec(tmp_path, "[t_fine]", folder)
+    run = pefteval("run", spec, "--output", tmp_path / "out", timeout=300, env_extra={"RAY_TMPDIR": str(ray_tmp)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 jobs ran" in run.stdout

@@ -156,3 +156,26 @@ def test_per_fine_tune_train_settings_override_the_defaults(tmp_path):
     assert spec.train_settings(spec.finetunes["fft"]).tasks == ["pefteval_quick_sentiment"]
     assert spec.train_settings(spec.finetunes["ex"]).epochs == 3
     assert spec.name == "s"
+
+
+def test_relative_paths_resolve_against_the_specs_folder(tmp_path, tiny_model_dir):
+    import os
+    import shutil
+
+    from pefteval_harness.plan import build_plan
+    from pefteval_harness.spec import load_spec
+
+    tasks = tmp_path / "tasks"
+    shutil.copytree(REPO / "task_configs" / "quickstart", tasks)
+    for path in tasks.glob("*.yaml"):
+        path.write_text(path.read_text().replace("pefteval_quick_", "mine_").replace("pefteval-quick", "mine-quick"))
+    folder = tmp_path / "experiments"
+    folder.mkdir()
+    model = os.path.relpath(tiny_model_dir, folder)
+    (folder / "s.yaml").write_text(
+        f"base_model: {model}\ninclude_paths: [../tasks]\noutput: ../runs/s\nevaluate: {{tasks: [mine_topic]}}\n"
+    )
+    spec, _ = load_spec(folder / "s.yaml")  # the current folder is the repository, not the spec's
+    assert spec.include_paths == [str(tasks.resolve())] and spec.output == str((tmp_path / "runs" / "s").resolve())
+    (job,) = build_plan(spec).jobs
+    assert job.config.model.base.path == str(tiny_model_dir.resolve()) and job.config.task == "mine_topic"

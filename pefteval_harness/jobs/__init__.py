@@ -96,10 +96,10 @@ def outcome_of(error: BaseException) -> dict:
     return {"state": FAILED, "reason": reason, "error_class": error_class, "retryable": error_class != "bad_input"}
 
 
-def _record_done(job: Job, store: Store, result: dict) -> dict:
+def _record_done(job: Job, store: Store, result: dict, numerics: dict) -> dict:
     from pefteval_harness.provenance import provenance
 
-    result["pefteval"] = {"model": job.label, "kind": job.kind, **provenance(job)}
+    result["pefteval"] = {"model": job.label, "kind": job.kind, **provenance(job), "numerics": numerics}
     store.record(job.model_dump(mode="json"), DONE, result)
     return {"state": DONE}
 
@@ -112,7 +112,7 @@ def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, 
     """
     from pefteval_harness.numerics import pin_numerics
 
-    pin_numerics(threads)
+    numerics = pin_numerics(threads)
     store = Store(store_root)
     typed = [Job.model_validate(j) for j in jobs]
     outcomes: dict[str, dict] = {}
@@ -132,11 +132,11 @@ def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, 
         for job in todo:
             result = results[job.id]
             failed = isinstance(result, BaseException)
-            outcomes[job.id] = outcome_of(result) if failed else _record_done(job, store, result)
+            outcomes[job.id] = outcome_of(result) if failed else _record_done(job, store, result, numerics)
         return outcomes
     for job in todo:
         try:
-            outcomes[job.id] = _record_done(job, store, JOB_KINDS[job.kind].run(job, store))
+            outcomes[job.id] = _record_done(job, store, JOB_KINDS[job.kind].run(job, store), numerics)
         except Exception as e:
             log.exception("job %s failed", job.id)
             outcomes[job.id] = outcome_of(e)

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pefteval_harness.errors import BadInput
 from pefteval_harness.finetuning import get_method
 from pefteval_harness.jobs import load_kwargs, model_path, prefer_safetensors
 from pefteval_harness.jobs.types import DeepSpeedSettings, Job
@@ -145,7 +146,7 @@ def train(job: Job, store: Store) -> dict:
     tokenized = tokenize(examples, tokenizer, settings.max_length)
     rows = tokenized.rows
     if not rows:
-        raise ValueError(f"no training example has an answer token ({tokenized.without_answer} examples)")
+        raise BadInput(f"no training example has an answer token ({tokenized.without_answer} examples)")
 
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load, **prefer_safetensors(base))

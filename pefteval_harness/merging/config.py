@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from pefteval_harness.config_io import at, load_mapping, validate
+from pefteval_harness.config_io import at, load_mapping, resolve_path, validate
 from pefteval_harness.errors import BadInput
 from pefteval_harness.merging.methods import get_method
 
@@ -126,15 +126,6 @@ def _check_sum(method: str, weights: Sequence[float], where: str) -> None:
         raise at(where, f"merge method {method!r} normalises the weights, and these sum to 0")
 
 
-def _resolve(path: str, info: ValidationInfo) -> str:
-    """Relative paths are relative to the recipe's folder (the `root` in the validation context)."""
-    p = Path(path).expanduser()
-    root = (info.context or {}).get("root")
-    if root is None:
-        return str(p)
-    return str((p if p.is_absolute() else Path(root) / p).resolve())
-
-
 class ExpertEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -144,7 +135,7 @@ class ExpertEntry(BaseModel):
     @field_validator("path")
     @classmethod
     def _path(cls, path: str, info: ValidationInfo) -> str:
-        return _resolve(path, info)
+        return str(resolve_path(path, info))
 
 
 class MergeRecipe(MergeSettings):
@@ -159,7 +150,7 @@ class MergeRecipe(MergeSettings):
     @field_validator("base_model")
     @classmethod
     def _base(cls, path: str | None, info: ValidationInfo) -> str | None:
-        return None if path is None else _resolve(path, info)
+        return None if path is None else str(resolve_path(path, info))
 
     @model_validator(mode="after")
     def _weights(self) -> MergeRecipe:

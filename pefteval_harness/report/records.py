@@ -130,15 +130,16 @@ def primary_key(result: dict, task: str) -> tuple[str, str] | None:
     """The task's primary (metric, filter): its metadata's primary_metric / primary_filter if set, else the
     first metric_list metric under the first filter_list name ("none" without one); if that pair is not in
     the results, the first pair that is."""
-    config = (result.get("configs") or {}).get(task) or {}
-    metadata = config.get("metadata") if isinstance(config.get("metadata"), dict) else {}
-    metrics = [m.get("metric") for m in config.get("metric_list") or [] if isinstance(m, dict)]
-    filters = [f.get("name") for f in config.get("filter_list") or [] if isinstance(f, dict)]
-    metric = metadata.get("primary_metric") or next((m for m in metrics if isinstance(m, str)), None)
-    filt = metadata.get("primary_filter") or next((f for f in filters if isinstance(f, str)), "none")
+    from pefteval_harness.tasks import primary_metric
+
     pairs = _metric_keys(result["results"].get(task) or {})
-    if (metric, filt) in pairs:
-        return metric, filt
+    config = (result.get("configs") or {}).get(task) or {}
+    try:
+        wanted = primary_metric(config)
+    except (KeyError, TypeError, IndexError):  # a config in a shape lm-eval did not write
+        wanted = None
+    if wanted in pairs:
+        return wanted
     return pairs[0] if pairs else None
 
 

@@ -242,9 +242,6 @@ def task_identity(manager, name: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-task_version = task_identity  # the name plan.py used before task identities
-
-
 def _yaml_dirs(path: Path) -> list[Path]:
     """The folders of a YAML and of every file it includes: where its `!function` specs are relative to."""
     from lm_eval.tasks._yaml_loader import load_yaml

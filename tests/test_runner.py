@@ -146,11 +146,19 @@ def test_two_runs_sharing_a_folder_never_run_a_job_twice(tmp_path, task_folder):
 def test_a_plain_run_never_joins_a_leftover_ray(tmp_path, task_folder):
     """A `ray start` that was killed leaves its address file behind; `ray.init()` would join that dead
     cluster and retry forever. A plain run must start its own Ray instead."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
     folder, _ = task_folder
-    ray_tmp = tmp_path / "r"
-    (ray_tmp / "ray").mkdir(parents=True)
-    (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
-    spec = write_spec(tmp_path, "[t_fine]", folder)
-    run = pefteval("run", spec, "--output", tmp_path / "out", timeout=300, env_extra={"RAY_TMPDIR": str(ray_tmp)})
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
+        spec = write_spec(tmp_path, "[t_fine]", folder)
+        env = {"RAY_TMPDIR": str(ray_tmp)}
+        run = pefteval("run", spec, "--output", tmp_path / "out", timeout=300, env_extra=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 jobs ran" in run.stdout

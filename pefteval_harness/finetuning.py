@@ -59,6 +59,7 @@ class FinetuneMethod:
         import peft
 
         cls = getattr(peft, self.peft_config_class)
+        _check_field_types(cls, params)
         fields = {**params, **(self.run_fields(params, total_steps) if self.run_fields else {})}
         try:
             return cls(task_type="CAUSAL_LM", **fields)
@@ -81,6 +82,28 @@ class FinetuneMethod:
             "peft_config": self.peft_config_class,
             "defaults": self.defaults,
         }
+
+
+def _check_field_types(cls: type, params: dict[str, Any]) -> None:
+    """Each parameter against the type its peft config field declares (peft's dataclasses do not check:
+    `r: 4.5` or `use_rslora: "yes"` would reach training). Strict: YAML gives real numbers and booleans."""
+    import typing
+
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+    from pydantic.errors import PydanticSchemaGenerationError
+
+    hints = typing.get_type_hints(cls)
+    for name, value in params.items():
+        if name not in hints:  # an unknown field: peft's own TypeError names it
+            continue
+        try:
+            adapter = TypeAdapter(hints[name], config=ConfigDict(strict=True, arbitrary_types_allowed=True))
+        except (PydanticSchemaGenerationError, TypeError):  # a field type pydantic cannot describe
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as e:
+            raise BadInput(f"{cls.__name__}: {name}: {e.errors()[0]['msg']}, got {value!r}") from None
 
 
 def _adalora_schedule(params: dict[str, Any], total_steps: int) -> dict[str, Any]:

@@ -40,6 +40,14 @@ BAD = [
         "finetunes.fft.config: LoraConfig: got an unexpected keyword argument 'rank'",
     ),
     (
+        GOOD.replace("{method: full}", "{method: lora, config: {r: 4.5}}"),
+        "finetunes.fft.config: LoraConfig: r: Input should be a valid integer, got 4.5",
+    ),
+    (
+        GOOD.replace("{method: full}", "{method: lora, config: {use_rslora: 'yes'}}"),
+        "finetunes.fft.config: LoraConfig: use_rslora: Input should be a valid boolean, got 'yes'",
+    ),
+    (
         GOOD.replace("{method: full}", "{method: full, config: {r: 4}}"),
         "finetunes.fft.config: full fine-tuning takes no peft config",
     ),

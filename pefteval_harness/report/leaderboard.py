@@ -162,7 +162,8 @@ def collect(root: str | Path) -> Report:
         args = (result.get("config") or {}).get("model_args")
         label = result.get("model_name") or (json.dumps(args) if isinstance(args, dict) else str(args))
         records += score_records(result, Model(model=label, method="lm-eval"), str(path.relative_to(root)))
-    return Report(records)
+    order = {"score": 0, "aggregate": 1, "failure": 2, "cost": 3}  # scores first; plan order within a kind
+    return Report(sorted(records, key=lambda r: order.get(r.record, len(order))))
 
 
 # --- rendering: pure functions of the records -------------------------------------------------------------

@@ -13,6 +13,7 @@ run again; any change that matters gives a new id, and only downstream of it.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -66,10 +67,8 @@ class Plan:
             sort_keys=True,
         )
         job_id = f"{config.kind}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
-        job = Job(
-            id=job_id, label=label, deps=list(dict.fromkeys(deps)), resources=resources, spec_hash=self.spec_hash,
-            config=config,
-        )
+        deps = list(dict.fromkeys(deps))
+        job = Job(id=job_id, label=label, deps=deps, resources=resources, spec_hash=self.spec_hash, config=config)
         self.jobs.append(job)
         return job
 
@@ -87,8 +86,8 @@ class Plan:
 
         labels = {j.id: f"{j.kind}:{j.label}" for j in self.jobs}
         rows = [
-            [j.id, j.kind, j.label, getattr(j.config, "task", ""), ", ".join(labels[d] for d in j.deps) or "-",
-             _resources(j.resources)]
+            [j.id, j.kind, j.label, getattr(j.config, "task", ""), ", ".join(labels[d] for d in j.deps) or "-"]
+            + [_resources(j.resources)]
             for j in self.jobs
         ]
         counts = ", ".join(f"{sum(j.kind == k for j in self.jobs)} {k}" for k in ("base", "train", "merge", "evaluate"))
@@ -106,8 +105,9 @@ def build_plan(spec: Spec) -> Plan:
     """Expand the spec into jobs; what only expansion reveals is checked here, before anything runs."""
     plan = Plan(spec)
     base, base_deps = _base_reference(spec, plan)
-    models = [] if not spec.evaluate.include_base else [_Model(BASE_LABEL, _lineage(spec, BASE_LABEL, "base"),
-                                                               LoadedModel(base=base), base_deps)]
+    models: list[_Model] = []  # every model to evaluate, in leaderboard order
+    if spec.evaluate.include_base:
+        models.append(_Model(BASE_LABEL, _lineage(spec, BASE_LABEL, "base"), LoadedModel(base=base), base_deps))
     trained = _train_jobs(spec, plan, base, base_deps, models)
     _merge_jobs(spec, plan, base, base_deps, trained, models)
     _check_labels_unique(spec, trained)
@@ -271,8 +271,6 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
 
     selection = _tasks(spec.evaluate.tasks, "evaluate.tasks", spec)
     plan.groups = selection.groups_json()
-    import fnmatch
-
     for pattern in spec.evaluate.per_task:
         if not fnmatch.filter(selection.names, pattern):
             raise BadInput(f"evaluate.per_task.{pattern}: matches none of the evaluated tasks")

@@ -9,6 +9,7 @@ expected.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from pathlib import Path
@@ -75,8 +76,6 @@ class EvaluateSpec(EvaluateSettings):
 
     def settings_for(self, task: str) -> EvaluateSettings:
         """This task's settings: the defaults, then every matching per_task entry in order."""
-        import fnmatch
-
         settings = self.model_dump(include=set(EvaluateSettings.model_fields))
         for pattern, overrides in self.per_task.items():
             if fnmatch.fnmatchcase(task, pattern):

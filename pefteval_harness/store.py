@@ -152,7 +152,9 @@ class Store:
                 return True
             if holder is not None and not self._claim_is_stale(path):
                 return False
-            write_atomic(path, record)  # a stale claim: take it over, then check nobody else did too
+            # A stale claim: take it over, then check nobody else did too. Two runs taking over the same
+            # stale claim in the same instant may both read their own record back (rare; not locked).
+            write_atomic(path, record)
             return self.claim_holder(job_id) == owner
         with os.fdopen(fd, "w") as f:
             f.write(record)

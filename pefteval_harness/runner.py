@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pefteval_harness.jobs.types import Job
@@ -196,7 +197,7 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
             if not in_flight and not elsewhere:
                 break
             if not in_flight:  # only jobs of another run left: look again in a moment
-                threading.Event().wait(POLL_SECONDS)
+                time.sleep(POLL_SECONDS)
                 continue
             ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS if elsewhere else None)
             for ref in ready:

@@ -50,6 +50,9 @@ class Plan:
     spec: Spec
     jobs: list[Job] = field(default_factory=list)  # in dependency order
     groups: dict[str, dict] = field(default_factory=dict)  # evaluated groups: leaf tasks, aggregate metrics
+    # Shared by every task lookup of this plan: lm-eval's indexes (built-ins take seconds) and task identities.
+    task_managers: dict[bool, Any] = field(default_factory=dict, repr=False)
+    task_identities: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.spec_hash = self.spec.fingerprint()
@@ -164,21 +167,28 @@ def _hub_revision(repo: str) -> str:
         raise BadInput(f"base_model: cannot resolve {repo!r} on the HuggingFace hub ({type(e).__name__})") from None
 
 
-def _tasks(patterns: list[str], where: str, spec: Spec):
+def _tasks(patterns: list[str], where: str, spec: Spec, plan: Plan):
     from pefteval_harness.tasks import UnsupportedGroup, resolve_tasks
 
     try:
-        return resolve_tasks(patterns, spec.include_paths)
+        return resolve_tasks(patterns, spec.include_paths, managers=plan.task_managers)
     except KeyError as e:
         raise BadInput(f"{where}: no task matches {e.args[0]!r} (see `pefteval tasks list`)") from None
     except UnsupportedGroup as e:
         raise BadInput(f"{where}: {e}") from None
 
 
-def _train_jobs(spec, plan, base, base_deps, models) -> dict[str, list[Job]]:
-    """One train job per fine-tune (per task with per_task); returns fine-tune name -> its jobs."""
+def _identity(plan: Plan, selection, task: str) -> str:
+    """A task's identity, computed once per plan (it reads the task's YAML files and hook modules)."""
     from pefteval_harness.tasks import task_identity
 
+    if task not in plan.task_identities:
+        plan.task_identities[task] = task_identity(selection.manager, task)
+    return plan.task_identities[task]
+
+
+def _train_jobs(spec, plan, base, base_deps, models) -> dict[str, list[Job]]:
+    """One train job per fine-tune (per task with per_task); returns fine-tune name -> its jobs."""
     trained: dict[str, list[Job]] = {}
     for name, ft in spec.finetunes.items():
         method = get_method(ft.method)
@@ -186,7 +196,7 @@ def _train_jobs(spec, plan, base, base_deps, models) -> dict[str, list[Job]]:
         where = f"finetunes.{name}.train.tasks" if "tasks" in ft.train else "train.tasks"
         if not settings.tasks:
             raise BadInput(f"{where}: no training tasks given")
-        selection = _tasks(settings.tasks, where, spec)
+        selection = _tasks(settings.tasks, where, spec, plan)
         for task in selection.names:
             config = selection.manager.task_index[task].cfg
             if config is not None and not config.get("training_split"):
@@ -200,7 +210,7 @@ def _train_jobs(spec, plan, base, base_deps, models) -> dict[str, list[Job]]:
                 peft=ft.config if method.peft_config_class else None,
                 deepspeed=deepspeed,
                 train=settings.model_copy(update={"tasks": tasks}),
-                task_identities={t: task_identity(selection.manager, t) for t in tasks},
+                task_identities={t: _identity(plan, selection, t) for t in tasks},
                 base=base,
                 seed=spec.seed,
                 trust_remote_code=spec.trust_remote_code,
@@ -267,9 +277,9 @@ def _check_labels_unique(spec: Spec, trained: dict[str, list[Job]]) -> None:
 
 def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
     """One evaluation job per (model, task), with the task's own settings."""
-    from pefteval_harness.tasks import check_evaluate_arguments, task_identity
+    from pefteval_harness.tasks import check_evaluate_arguments
 
-    selection = _tasks(spec.evaluate.tasks, "evaluate.tasks", spec)
+    selection = _tasks(spec.evaluate.tasks, "evaluate.tasks", spec, plan)
     plan.groups = selection.groups_json()
     for pattern in spec.evaluate.per_task:
         if not fnmatch.filter(selection.names, pattern):
@@ -278,7 +288,7 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
     check_evaluate_arguments(
         [k for s in settings.values() for k in s.model_dump(exclude_defaults=True) if k != "batch_size"]
     )
-    identities = {task: task_identity(selection.manager, task) for task in selection.names}
+    identities = {task: _identity(plan, selection, task) for task in selection.names}
     for model in models:
         for task in selection.names:
             config = EvaluateConfig(

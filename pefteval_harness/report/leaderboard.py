@@ -315,5 +315,6 @@ def write_reports(root: str | Path) -> str:
     """Write leaderboard.md, .csv and .json into the folder; return the markdown."""
     report = collect(root)
     for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):
-        write_atomic(Path(root) / f"leaderboard.{suffix}", render(report, fmt))
-    return render(report, "markdown")
+        text = render(report, fmt)
+        write_atomic(Path(root) / f"leaderboard.{suffix}", text)
+    return text  # the markdown, rendered last

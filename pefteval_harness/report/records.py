@@ -226,14 +226,6 @@ def cost_records(model: Model, job_id: str, result: dict) -> list[Record]:
     ]
 
 
-def _pooled_stderr(stderrs: list[float], sizes: list[int]) -> float | None:
-    # lm-eval's pooled_sample_stderr: the stderr of a size-weighted group mean.
-    if sum(sizes) - len(sizes) <= 0:
-        return None
-    variance = sum((n - 1) * s**2 * n for s, n in zip(stderrs, sizes, strict=True)) / (sum(sizes) - len(sizes))
-    return math.sqrt(variance / sum(sizes))
-
-
 def aggregate_records(records: list[Record], groups: dict[str, dict]) -> list[Record]:
     """For each model with score (or evaluation failure) records and each group with an aggregate metric
     list (plan.json "groups"), one aggregate record per (metric, filter) the group aggregates."""
@@ -295,13 +287,15 @@ def _aggregate(model, group, leaves, found, metric, filt, spec, primary) -> Reco
     if weighted and any(n is None or n <= 0 for n in sizes):
         record.error = "no sample count for " + ", ".join(t for t, n in zip(leaves, sizes, strict=True) if not n)
         return record
-    weights = sizes if weighted else [1] * len(values)
-    record.value = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
+    from lm_eval.api.metrics import aggregate_subtask_metrics, pooled_sample_stderr, unweighted_mean_stderr
+
+    record.value = float(aggregate_subtask_metrics(values, sizes, weight_by_size=weighted))
     stderrs = [r.stderr for r in found]
-    if all(s is not None for s in stderrs):  # as lm-eval: pooled when size-weighted, else of the plain mean
-        record.stderr = (
-            _pooled_stderr(stderrs, sizes) if weighted else math.sqrt(sum(s**2 for s in stderrs)) / len(stderrs)
-        )
+    if all(s is not None for s in stderrs):  # lm-eval's own: pooled when size-weighted, else of the plain mean
+        if not weighted:
+            record.stderr = float(unweighted_mean_stderr(stderrs))
+        elif sum(sizes) > len(sizes):  # pooled variance needs more samples than tasks
+            record.stderr = float(pooled_sample_stderr(stderrs, sizes))
     directions = {r.higher_is_better for r in found}
     record.higher_is_better = directions.pop() if len(directions) == 1 else None
     record.n = sum(sizes) if all(n is not None for n in sizes) else None

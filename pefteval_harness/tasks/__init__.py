@@ -94,15 +94,25 @@ class UnsupportedGroup(ValueError):
     """A group that changes a member task's settings: pefteval scores each leaf alone, from its own YAML."""
 
 
-def resolve_tasks(patterns: list[str], include_paths: list[str | Path] = ()) -> TaskSelection:
+def resolve_tasks(
+    patterns: list[str], include_paths: list[str | Path] = (), managers: dict[bool, Any] | None = None
+) -> TaskSelection:
     """Expand task names, globs, groups and tags to leaf tasks, from the task index alone.
 
     A glob matches leaf task names; a group or tag name expands to its leaves. A pattern that matches no
     plugin task is looked up in lm-eval's built-in tasks too (indexing them takes seconds, so only
     then); one that matches nothing anywhere raises KeyError naming it. A group that overrides a
-    member's settings (other than its display alias) raises UnsupportedGroup.
+    member's settings (other than its display alias) raises UnsupportedGroup. `managers` (include_defaults
+    -> TaskManager over these include_paths) lets several resolutions share the indexes they build.
     """
-    plugin = task_manager(include_paths)
+    managers = {} if managers is None else managers
+
+    def indexed(include_defaults: bool):
+        if include_defaults not in managers:
+            managers[include_defaults] = task_manager(include_paths, include_defaults=include_defaults)
+        return managers[include_defaults]
+
+    plugin = indexed(False)
     defaults = None
     names: list[str] = []
     groups: dict[str, GroupInfo] = {}
@@ -110,7 +120,7 @@ def resolve_tasks(patterns: list[str], include_paths: list[str | Path] = ()) -> 
         try:
             leaves, reached = _expand(plugin.task_index, plugin.all_subtasks, pattern)
         except KeyError:
-            defaults = defaults or task_manager(include_paths, include_defaults=True)
+            defaults = indexed(True)
             try:
                 leaves, reached = _expand(defaults.task_index, defaults.all_subtasks, pattern)
             except KeyError as err:

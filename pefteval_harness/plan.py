@@ -57,7 +57,7 @@ class Plan:
     def __post_init__(self) -> None:
         self.spec_hash = self.spec.fingerprint()
 
-    def add(self, label: str, config, resources: Resources, deps=()) -> Job:
+    def add(self, label: str, lineage: Lineage, config, resources: Resources, deps=()) -> Job:
         from pefteval_harness.jobs import JOB_KINDS
 
         identity = json.dumps(
@@ -71,7 +71,10 @@ class Plan:
         )
         job_id = f"{config.kind}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
         deps = list(dict.fromkeys(deps))
-        job = Job(id=job_id, label=label, deps=deps, resources=resources, spec_hash=self.spec_hash, config=config)
+        job = Job(
+            id=job_id, label=label, lineage=lineage, deps=deps, resources=resources, spec_hash=self.spec_hash,
+            config=config,
+        )
         self.jobs.append(job)
         return job
 
@@ -136,7 +139,8 @@ def _base_reference(spec: Spec, plan: Plan) -> tuple[ModelRef, list[str]]:
     """How jobs find the base model: a job of this plan (tiny), a local folder, or a pinned hub revision."""
     name = spec.base_model
     if name == TINY:
-        job = plan.add(BASE_LABEL, BaseConfig(fingerprint=tiny_model.fingerprint()), spec.resources.merge)
+        config = BaseConfig(fingerprint=tiny_model.fingerprint())
+        job = plan.add(BASE_LABEL, _lineage(spec, BASE_LABEL, "base"), config, spec.resources.merge)
         return ArtifactRef(job=job.id), [job.id]
     path = Path(name)
     if path.is_absolute() and path.exists():  # the spec made local folders absolute
@@ -217,13 +221,14 @@ def _train_jobs(spec, plan, base, base_deps, models) -> dict[str, list[Job]]:
                 include_paths=spec.include_paths,
             )
             label = f"{name}/{tasks[0]}" if ft.per_task else name
-            job = plan.add(label, config, spec.resources.train, base_deps)
+            lineage = _lineage(spec, label, method.name, trained_on=tasks)
+            job = plan.add(label, lineage, config, spec.resources.train, base_deps)
             trained[name].append(job)
             if ft.evaluate:
                 own = ArtifactRef(job=job.id)
                 loaded = LoadedModel(base=own) if method.produces == "model" else LoadedModel(base=base, adapter=own)
                 deps = [job.id] if method.produces == "model" else [*base_deps, job.id]
-                models.append(_Model(label, _lineage(spec, label, method.name, trained_on=tasks), loaded, deps))
+                models.append(_Model(label, lineage, loaded, deps))
     return trained
 
 
@@ -249,17 +254,17 @@ def _merge_jobs(spec, plan, base, base_deps, trained, models) -> None:
             seed=seed,
             produces=produces,
         )
-        job = plan.add(name, config, spec.resources.merge, [*base_deps, *(j.id for j in experts)])
+        lineage = _lineage(
+            spec,
+            name,
+            f"merge:{merge.method}",
+            trained_on=sorted({t for j in experts for t in j.config.train.tasks}),
+            merge=MergeLineage(method=merge.method, experts=[j.label for j in experts], k=len(experts), seed=seed),
+        )
+        job = plan.add(name, lineage, config, spec.resources.merge, [*base_deps, *(j.id for j in experts)])
         if merge.evaluate:
             own = ArtifactRef(job=job.id)
             loaded = LoadedModel(base=base, adapter=own) if produces == "adapter" else LoadedModel(base=own)
-            lineage = _lineage(
-                spec,
-                name,
-                f"merge:{merge.method}",
-                trained_on=sorted({t for j in experts for t in j.config.train.tasks}),
-                merge=MergeLineage(method=merge.method, experts=[j.label for j in experts], k=len(experts), seed=seed),
-            )
             models.append(_Model(name, lineage, loaded, [*base_deps, job.id] if produces == "adapter" else [job.id]))
 
 
@@ -295,10 +300,9 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
                 task=task,
                 task_identity=identities[task],
                 model=model.loaded,
-                lineage=model.lineage,
                 settings=settings[task],
                 seed=spec.seed,
                 trust_remote_code=spec.trust_remote_code,
                 include_paths=spec.include_paths,
             )
-            plan.add(model.label, config, spec.resources.evaluate, model.deps)
+            plan.add(model.label, model.lineage, config, spec.resources.evaluate, model.deps)

@@ -55,7 +55,7 @@ def test_jobs_dependencies_and_labels():
     fft_eval = by_key["evaluate", "fft", "pefteval_quick_sentiment"]
     assert fft_eval.deps == [by_key["train", "fft", ""].id]  # the FFT model stands alone
     assert by_key["evaluate", "lora", "pefteval_quick_sentiment"].deps == [base, by_key["train", "lora", ""].id]
-    merged = by_key["evaluate", "m", "pefteval_quick_sentiment_adv"].config.lineage
+    merged = by_key["evaluate", "m", "pefteval_quick_sentiment_adv"].lineage
     assert (merged.merge.method, merged.merge.k, merged.merge.experts) == ("ties", 2, list(MODELS[3:5]))
     order = [j.id for j in plan.jobs]
     assert all(order.index(d) < order.index(j.id) for j in plan.jobs for d in j.deps)  # dependency order

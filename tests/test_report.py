@@ -61,8 +61,8 @@ def acc_task(acc: float, n: int = 10, stderr: float | str = 0.1, **extra) -> dic
     return {"scores": {"acc,none": acc, "acc_stderr,none": stderr}, "n": n, "metrics": ["acc"], **extra}
 
 
-def lineage(model: str, method: str, trained_on=(), merge: dict | None = None) -> dict:
-    return {"model": model, "method": method, "base": "tiny", "trained_on": list(trained_on), "merge": merge}
+def lineage(model: str, method: str, trained_on=(), merge: dict | None = None, base: str = "tiny") -> dict:
+    return {"model": model, "method": method, "base": base, "trained_on": list(trained_on), "merge": merge}
 
 
 class StoreBuilder:
@@ -71,10 +71,12 @@ class StoreBuilder:
     def __init__(self, root: Path, groups: dict | None = None, schema: int | None = 2):
         self.root, self.groups, self.schema, self.jobs = root, groups or {}, schema, []
 
-    def job(self, kind: str, label: str, config: dict, state: str | None = "done", result=None, **status) -> str:
+    def job(self, kind: str, label: str, config: dict, state: str | None = "done", result=None, lin=None,
+            **status) -> str:  # fmt: skip
         job_id = f"{kind}-{len(self.jobs):016x}"
-        job = {"id": job_id, "label": label, "deps": [], "spec_hash": "abc", "resources": {"num_cpus": 1},
-               "config": {"kind": kind, **config}}  # fmt: skip
+        lin = lin or lineage(label, config.get("method", kind))
+        job = {"id": job_id, "label": label, "lineage": lin, "deps": [], "spec_hash": "abc",
+               "resources": {"num_cpus": 1}, "config": {"kind": kind, **config}}  # fmt: skip
         self.jobs.append(job)
         folder = self.root / "jobs" / job_id
         folder.mkdir(parents=True)
@@ -86,8 +88,8 @@ class StoreBuilder:
         return job_id
 
     def evaluate(self, label: str, task: str, result: dict | None, lin: dict | None = None, **kw) -> str:
-        config = {"task": task, "task_identity": "x", "lineage": lin or lineage(label, "lora"), "seed": 1234}
-        return self.job("evaluate", label, config, result=result, **kw)
+        config = {"task": task, "task_identity": "x", "seed": 1234}
+        return self.job("evaluate", label, config, result=result, lin=lin or lineage(label, "lora"), **kw)
 
     def write(self) -> Path:
         plan = {"spec_hash": "abc", "name": "test", "groups": self.groups, "jobs": self.jobs}
@@ -267,11 +269,13 @@ def test_failures_and_training_costs(tmp_path):
     cost = {"method": "lora", "tasks": ["t1"], "examples": 20, "examples_without_answer": 1, "truncated_prompts": 0,
             "steps": 5, "train_loss": 1.0, "loss_history": [2.0, 1.0], "trainable_params": 1000,
             "total_params": 100000, "train_seconds": 2.5, "peak_rss_mb": 512.0, "artifact_bytes": 2**20}  # fmt: skip
-    train_id = store.job("train", "lora", train, result=cost)
+    train_id = store.job("train", "lora", train, result=cost, lin=lineage("lora", "lora", ["t1"], base="/m"))
     broken = store.job("train", "full", {**train, "method": "full"}, state="failed", reason="OSError: no weights",
                        error_class="error", attempts=1)  # fmt: skip
+    merge_lineage = {"method": "ties", "experts": ["lora", "full"], "k": 2, "seed": 3}
+    merged = lineage("m", "merge:ties", ["t1"], merge_lineage, base="/m")
     store.job("merge", "m", {"method": "ties", "experts": [train_id, broken], "seed": 3, "base": train["base"]},
-              state="failed", reason=f"upstream job {broken} failed", error_class="upstream")  # fmt: skip
+              state="failed", reason=f"upstream job {broken} failed", error_class="upstream", lin=merged)  # fmt: skip
     store.job("train", "pending", train, state=None)  # not run yet: nothing
     store.evaluate("lora", "t1", lm_eval_result({"t1": acc_task(0.5)}), lineage("lora", "lora", ["t1"]))
     failed_eval = store.evaluate("full", "t1", None, lineage("full", "full", ["t1"]), state="failed",
@@ -287,7 +291,7 @@ def test_failures_and_training_costs(tmp_path):
         ("full", None, "error"), ("m", None, "upstream"), ("full", "t1", "upstream"),
     ]  # fmt: skip
     assert failures[0].error == "OSError: no weights" and failures[2].job_id == failed_eval
-    merge = failures[1]  # no evaluation describes it: its lineage comes from its config
+    merge = failures[1]  # no evaluation describes it: its lineage is the job's own
     assert (merge.method, merge.merge_method, merge.experts, merge.k, merge.seed, merge.base) == (
         "merge:ties", "ties", ["lora", "full"], 2, 3, "/m",
     )  # fmt: skip

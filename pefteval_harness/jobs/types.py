@@ -1,6 +1,6 @@
 """Typed job configurations: what each kind of job needs to run, and nothing else.
 
-A `Job` is the envelope the planner, runner, store and report share (id, label, dependencies,
+A `Job` is the envelope the planner, runner, store and report share (id, label, lineage, dependencies,
 resources); its `config` is one of the kind-specific models below, discriminated on `kind`. Everything
 that determines a job's output is in its config, so the job id is a hash of the config (plus the
 implementation versions); plan.json and each job's job.json hold these models as JSON.
@@ -157,7 +157,6 @@ class EvaluateConfig(_Frozen):
     task: str
     task_identity: str
     model: LoadedModel
-    lineage: Lineage
     settings: EvaluateSettings
     seed: int
     trust_remote_code: bool
@@ -176,6 +175,9 @@ class Resources(_Frozen):
 class Job(_Frozen):
     id: str
     label: str  # the model's name in the leaderboard
+    # What the report says about the model this job makes or scores; derived from the plan's graph, so it
+    # is not part of the job id (the config already is).
+    lineage: Lineage
     deps: list[str] = []
     resources: Resources = Resources()
     spec_hash: str = ""

@@ -48,52 +48,12 @@ class Report:
 
 
 def _kind(job: dict) -> str:
-    return (job.get("config") or {}).get("kind") or job.get("kind", "")
-
-
-def _model_name(ref: dict | None, jobs: dict[str, dict]) -> str | None:
-    """A model reference as the spec would name it: the tiny builder, a path, a hub id, another job's label."""
-    if not ref:
-        return None
-    if ref.get("kind") == "artifact" or "job" in ref:
-        job = jobs.get(ref.get("job", ""), {})
-        return (job.get("config") or {}).get("builder") if _kind(job) == "base" else job.get("label")
-    return ref.get("path") or ref.get("repo")
-
-
-def _fallback_model(job: dict, jobs: dict[str, dict]) -> Model:
-    """Lineage of a job no evaluation describes (an expert not evaluated, a failed base): from its config."""
-    config, label = job.get("config") or {}, job.get("label", "")
-    kind = _kind(job)
-    if kind == "base":
-        return Model(model=label, method="base", base=config.get("builder"))
-    if kind == "train":
-        tasks = (config.get("train") or {}).get("tasks") or config.get("tasks") or ()
-        return Model(model=label, method=config.get("method", ""), base=_model_name(config.get("base"), jobs),
-                     trained_on=tuple(tasks))  # fmt: skip
-    if kind == "merge":
-        experts = [jobs.get(e, {}).get("label", e) for e in config.get("experts") or ()]
-        return Model(
-            model=label,
-            method=f"merge:{config.get('method', '')}",
-            base=_model_name(config.get("base"), jobs),
-            merge_method=config.get("method"),
-            experts=tuple(experts),
-            k=len(experts),
-            seed=config.get("seed"),
-        )
-    return Model(model=label, method=config.get("method", ""))
+    return (job.get("config") or {}).get("kind", "")
 
 
 def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> list[Record]:
     """Records of the store's jobs, in the given order: scores and evaluation failures, training costs,
     failures of other jobs. Jobs without a status (not run yet) give nothing."""
-    by_id = {job["id"]: job for job in jobs}
-    lineages = {}
-    for job in jobs:
-        lineage = (job.get("config") or {}).get("lineage")
-        if _kind(job) == "evaluate" and lineage:
-            lineages.setdefault(job["label"], Model.from_lineage(lineage, job["label"]))
     leaves = {name: list(group.get("tasks") or []) for name, group in groups.items()}
     records: list[Record] = []
     for job in jobs:
@@ -101,10 +61,7 @@ def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> li
         if status is None or status.get("state") not in (DONE, FAILED):
             continue
         kind, config = _kind(job), job.get("config") or {}
-        if kind == "evaluate" and config.get("lineage"):
-            model = Model.from_lineage(config["lineage"], job["label"])
-        else:
-            model = lineages.get(job["label"]) or _fallback_model(job, by_id)
+        model = Model.from_lineage(job.get("lineage") or {}, job["label"])
         if kind == "evaluate":
             task = config.get("task")
             member_of = [g for g, tasks in leaves.items() if task in tasks]

@@ -70,7 +70,7 @@ FIELDS = [f.name for f in fields(Record)]
 
 @dataclass(frozen=True)
 class Model:
-    """A model as the leaderboard names it, with its lineage (from an evaluate job's config.lineage)."""
+    """A model as the leaderboard names it, with its lineage (from the job's `lineage`)."""
 
     model: str
     method: str

@@ -26,6 +26,8 @@ from pefteval_harness.errors import BadInput
 from pefteval_harness.finetuning import get_method
 from pefteval_harness.jobs.types import (
     PLAN_SCHEMA,
+    AnalysisSettings,
+    AnalyzeConfig,
     ArtifactRef,
     BaseConfig,
     DeepSpeedSettings,
@@ -72,7 +74,12 @@ class Plan:
         job_id = f"{config.kind}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
         deps = list(dict.fromkeys(deps))
         job = Job(
-            id=job_id, label=label, lineage=lineage, deps=deps, resources=resources, spec_hash=self.spec_hash,
+            id=job_id,
+            label=label,
+            lineage=lineage,
+            deps=deps,
+            resources=resources,
+            spec_hash=self.spec_hash,
             config=config,
         )
         self.jobs.append(job)
@@ -96,7 +103,9 @@ class Plan:
             + [_resources(j.resources)]
             for j in self.jobs
         ]
-        counts = ", ".join(f"{sum(j.kind == k for j in self.jobs)} {k}" for k in ("base", "train", "merge", "evaluate"))
+        from pefteval_harness.jobs import JOB_KINDS
+
+        counts = ", ".join(f"{n} {k}" for k in JOB_KINDS if (n := sum(j.kind == k for j in self.jobs)))
         headers = ["job id", "kind", "model", "task", "after", "resources"]
         table = tabulate(rows, headers=headers, tablefmt="github")
         return f"plan for {self.spec.name!r}: {len(self.jobs)} jobs ({counts})\n\n{table}"
@@ -117,6 +126,7 @@ def build_plan(spec: Spec) -> Plan:
     trained = _train_jobs(spec, plan, base, base_deps, models)
     _merge_jobs(spec, plan, base, base_deps, trained, models)
     _check_labels_unique(spec, trained)
+    _analyze_jobs(spec, plan, base, base_deps, trained)
     _evaluate_jobs(spec, plan, models)
     return plan
 
@@ -192,87 +202,127 @@ def _identity(plan: Plan, selection, task: str) -> str:
 
 
 def _train_jobs(spec, plan, base, base_deps, models) -> dict[str, list[Job]]:
-    """One train job per fine-tune (per task with per_task); returns fine-tune name -> its jobs."""
+    """One train job per fine-tune or sweep point (per task with per_task); returns label -> its jobs,
+    where the label is the fine-tune's name, or a sweep point's (`lora[r=4]`)."""
     trained: dict[str, list[Job]] = {}
-    for name, ft in spec.finetunes.items():
-        method = get_method(ft.method)
-        settings = spec.train_settings(ft)
-        where = f"finetunes.{name}.train.tasks" if "tasks" in ft.train else "train.tasks"
-        if not settings.tasks:
-            raise BadInput(f"{where}: no training tasks given")
-        selection = _tasks(settings.tasks, where, spec, plan)
-        for task in selection.names:
-            config = selection.manager.task_index[task].cfg
-            if config is not None and not config.get("training_split"):
-                raise BadInput(f"{where}: task {task!r} has no training split")
-        deepspeed = ft.deepspeed or (DeepSpeedSettings() if method.produces == "model" else None)
-        trained[name] = []
-        for tasks in [[t] for t in selection.names] if ft.per_task else [selection.names]:
-            config = TrainConfig(
-                method=method.name,
-                method_version=method.version,
-                peft=ft.config if method.peft_config_class else None,
-                deepspeed=deepspeed,
-                train=settings.model_copy(update={"tasks": tasks}),
-                task_identities={t: _identity(plan, selection, t) for t in tasks},
-                base=base,
-                seed=spec.seed,
-                trust_remote_code=spec.trust_remote_code,
-                include_paths=spec.include_paths,
-            )
-            label = f"{name}/{tasks[0]}" if ft.per_task else name
-            lineage = _lineage(spec, label, method.name, trained_on=tasks)
-            job = plan.add(label, lineage, config, spec.resources.train, base_deps)
-            trained[name].append(job)
-            if ft.evaluate:
-                own = ArtifactRef(job=job.id)
-                loaded = LoadedModel(base=own) if method.produces == "model" else LoadedModel(base=base, adapter=own)
-                deps = [job.id] if method.produces == "model" else [*base_deps, job.id]
-                models.append(_Model(label, lineage, loaded, deps))
+    for name, points in spec.finetune_points().items():
+        for point in points:
+            trained[point.label] = _train_point(spec, plan, name, point, base, base_deps, models)
     return trained
 
 
+def _train_point(spec, plan, name, point, base, base_deps, models) -> list[Job]:
+    ft = point.item
+    method = get_method(ft.method)
+    settings = spec.train_settings(ft)
+    where = f"finetunes.{name}.train.tasks" if "tasks" in ft.train else "train.tasks"
+    if not settings.tasks:
+        raise BadInput(f"{where}: no training tasks given")
+    selection = _tasks(settings.tasks, where, spec, plan)
+    for task in selection.names:
+        config = selection.manager.task_index[task].cfg
+        if config is not None and not config.get("training_split"):
+            raise BadInput(f"{where}: task {task!r} has no training split")
+    deepspeed = ft.deepspeed or (DeepSpeedSettings() if method.produces == "model" else None)
+    jobs = []
+    for tasks in [[t] for t in selection.names] if ft.per_task else [selection.names]:
+        config = TrainConfig(
+            method=method.name,
+            method_version=method.version,
+            peft=ft.config if method.peft_config_class else None,
+            deepspeed=deepspeed,
+            train=settings.model_copy(update={"tasks": tasks}),
+            task_identities={t: _identity(plan, selection, t) for t in tasks},
+            base=base,
+            seed=spec.seed,
+            trust_remote_code=spec.trust_remote_code,
+            include_paths=spec.include_paths,
+        )
+        label = f"{point.label}/{tasks[0]}" if ft.per_task else point.label
+        lineage = _lineage(spec, label, method.name, trained_on=tasks, sweep_of=point.sweep_of, sweep=point.values)
+        job = plan.add(label, lineage, config, spec.resources.train, base_deps)
+        jobs.append(job)
+        if ft.evaluate:
+            loaded = _loaded(job, method.produces, base)
+            deps = [job.id] if method.produces == "model" else [*base_deps, job.id]
+            models.append(_Model(label, lineage, loaded, deps))
+    return jobs
+
+
+def _loaded(job: Job, produces: str, base: ModelRef) -> LoadedModel:
+    """How lm-eval (or the analysis) loads what a train or merge job made: a model, or base + adapter."""
+    own = ArtifactRef(job=job.id)
+    return LoadedModel(base=own) if produces == "model" else LoadedModel(base=base, adapter=own)
+
+
+def _analyze_jobs(spec: Spec, plan: Plan, base: ModelRef, base_deps: list[str], trained) -> None:
+    """With `analysis:`, one job per trained model: its weight update, and its overlap with the
+    reference full fine-tune trained on the same tasks (if the spec names one)."""
+    if spec.analysis is None:
+        return
+    reference = spec.analysis.reference
+    references = {tuple(j.config.train.tasks): j for j in trained[reference]} if reference else {}
+    settings = AnalysisSettings(**spec.analysis.model_dump(exclude={"reference"}))
+    for jobs in trained.values():
+        for job in jobs:
+            ref = references.get(tuple(job.config.train.tasks))
+            ref = None if ref is None or ref.id == job.id else ref
+            config = AnalyzeConfig(
+                method=job.config.method,
+                base=base,
+                model=_loaded(job, get_method(job.config.method).produces, base),
+                reference=_loaded(ref, "model", base) if ref else None,
+                settings=settings,
+                trust_remote_code=spec.trust_remote_code,
+            )
+            deps = [*base_deps, job.id, *([ref.id] if ref else [])]
+            plan.add(job.label, job.lineage, config, spec.resources.analyze, deps)
+
+
 def _merge_jobs(spec, plan, base, base_deps, trained, models) -> None:
-    """One merge job per merge, over every expert job of the fine-tunes it names."""
+    """One merge job per merge or sweep point, over every expert job of the fine-tunes it names."""
     from pefteval_harness.merging import get_method as get_merge_method
 
-    for name, merge in spec.merges.items():
-        experts = [job for expert in merge.experts for job in trained[expert]]
-        if merge.weights is not None and len(merge.weights) != len(experts):
-            raise BadInput(f"merges.{name}.weights: {len(merge.weights)} weights for {len(experts)} experts")
-        method = get_merge_method(merge.method)
-        produces = "adapter" if merge.space == "factor" else "model"
-        seed = spec.seed if merge.seed is None else merge.seed
-        config = MergeConfig(
-            method=merge.method,
-            method_version=method.version,
-            parameters=merge.parameters,
-            weights=merge.weights,
-            space=merge.space,
-            experts=[job.id for job in experts],
-            base=base,
-            seed=seed,
-            produces=produces,
-        )
-        lineage = _lineage(
-            spec,
-            name,
-            f"merge:{merge.method}",
-            trained_on=sorted({t for j in experts for t in j.config.train.tasks}),
-            merge=MergeLineage(method=merge.method, experts=[j.label for j in experts], k=len(experts), seed=seed),
-        )
-        job = plan.add(name, lineage, config, spec.resources.merge, [*base_deps, *(j.id for j in experts)])
-        if merge.evaluate:
-            own = ArtifactRef(job=job.id)
-            loaded = LoadedModel(base=base, adapter=own) if produces == "adapter" else LoadedModel(base=own)
-            models.append(_Model(name, lineage, loaded, [*base_deps, job.id] if produces == "adapter" else [job.id]))
+    for name, points in spec.merge_points().items():
+        for point in points:
+            merge = point.item
+            experts = [job for expert in merge.experts for job in trained[expert]]
+            if merge.weights is not None and len(merge.weights) != len(experts):
+                raise BadInput(f"merges.{name}.weights: {len(merge.weights)} weights for {len(experts)} experts")
+            method = get_merge_method(merge.method)
+            produces = "adapter" if merge.space == "factor" else "model"
+            seed = spec.seed if merge.seed is None else merge.seed
+            config = MergeConfig(
+                method=merge.method,
+                method_version=method.version,
+                parameters=merge.parameters,
+                weights=merge.weights,
+                space=merge.space,
+                experts=[job.id for job in experts],
+                base=base,
+                seed=seed,
+                produces=produces,
+            )
+            lineage = _lineage(
+                spec,
+                point.label,
+                f"merge:{merge.method}",
+                trained_on=sorted({t for j in experts for t in j.config.train.tasks}),
+                merge=MergeLineage(method=merge.method, experts=[j.label for j in experts], k=len(experts), seed=seed),
+                sweep_of=point.sweep_of,
+                sweep=point.values,
+            )
+            job = plan.add(point.label, lineage, config, spec.resources.merge, [*base_deps, *(j.id for j in experts)])
+            if merge.evaluate:
+                deps = [*base_deps, job.id] if produces == "adapter" else [job.id]
+                models.append(_Model(point.label, lineage, _loaded(job, produces, base), deps))
 
 
 def _check_labels_unique(spec: Spec, trained: dict[str, list[Job]]) -> None:
     """Every model is one leaderboard row: two models with one label would merge silently."""
     seen: dict[str, str] = {}
     labels = [(job.label, f"finetunes.{name}") for name, jobs in trained.items() for job in jobs]
-    labels += [(name, f"merges.{name}") for name in spec.merges]
+    labels += [(p.label, f"merges.{name}") for name, points in spec.merge_points().items() for p in points]
     for label, where in labels:
         if label in seen or label == BASE_LABEL:
             other = seen.get(label, "the base model")

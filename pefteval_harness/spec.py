@@ -11,19 +11,95 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pefteval_harness.config_io import at, error_message, load_mapping, resolve_path, validate
 from pefteval_harness.errors import BadInput
-from pefteval_harness.jobs.types import DeepSpeedSettings, EvaluateSettings, Resources, TrainSettings, _Frozen
+from pefteval_harness.jobs.types import (
+    AnalysisSettings,
+    DeepSpeedSettings,
+    EvaluateSettings,
+    Resources,
+    TrainSettings,
+    _Frozen,
+)
 from pefteval_harness.merging.config import MergeSettings
 
 TINY = "tiny"
 BASE_LABEL = "base"
+
+# --- sweeps --------------------------------------------------------------------------------------------
+
+SweepGrid = dict[str, list[Any]]
+SWEEP_DESCRIPTION = "dotted field path (config.r, train.learning_rate, parameters.density) -> values; one point each"
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a fine-tune's or merge's sweep (or the item itself when it has no sweep)."""
+
+    label: str  # the model's name: `lora[r=4]`, or the item's own name
+    item: Any  # the FinetuneSpec / MergeSpec with this point's values set
+    sweep_of: str | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_grid(grid: SweepGrid, owner: type[BaseModel], nested: dict[str, type[BaseModel]]) -> SweepGrid:
+    """Each path names a field of `owner` (and of the `nested` models; keys of dict fields are checked by
+    the points' own validation) and lists at least one value, each once."""
+    sweepable = [name for name in owner.model_fields if name != "sweep"]
+    for path, values in grid.items():
+        head, _, rest = path.partition(".")
+        if head not in sweepable:
+            raise at(path, f"{head!r} is not a field that can be swept (fields: {', '.join(sweepable)})")
+        if not isinstance(values, list) or not values:
+            raise at(path, "a sweep needs a non-empty list of values")
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise at(path, "a value is listed twice")
+        if head in nested and rest.partition(".")[0] not in nested[head].model_fields:
+            known = ", ".join(nested[head].model_fields)
+            raise at(path, f"{nested[head].__name__} has no field {rest.partition('.')[0]!r} (fields: {known})")
+    return grid
+
+
+def _with_value(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """`data` with the value at a dotted path set (dicts on the way created), leaving `data` unchanged."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return {**data, head: value}
+    inner = data.get(head)
+    return {**data, head: _with_value(inner if isinstance(inner, dict) else {}, rest, value)}
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if not isinstance(value, str) else value
+
+
+def sweep_points(name: str, item: Any) -> list[SweepPoint]:
+    """The item itself, or one validated copy per combination of its sweep's values (grid order: the
+    last path varies fastest). A point the item's own rules refuse is an error naming the point."""
+    if not item.sweep:
+        return [SweepPoint(name, item)]
+    points = []
+    data = item.model_dump(exclude={"sweep"}, exclude_unset=True)
+    for combination in itertools.product(*item.sweep.values()):
+        values = dict(zip(item.sweep, combination, strict=True))
+        point = data
+        for path, value in values.items():
+            point = _with_value(point, path, value)
+        shown = ",".join(f"{path.rsplit('.', 1)[-1]}={_short(value)}" for path, value in values.items())
+        try:
+            points.append(SweepPoint(f"{name}[{shown}]", type(item).model_validate(point), name, values))
+        except ValidationError as e:
+            where, msg = error_message(e)
+            raise at("sweep", f"point {shown}: {where}: {msg}") from None
+    return points
 
 
 class FinetuneSpec(_Frozen):
@@ -33,6 +109,12 @@ class FinetuneSpec(_Frozen):
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the top-level train:")
     per_task: bool = Field(False, description="one fine-tune per training task (experts to merge)")
     evaluate: bool = True
+    sweep: SweepGrid = Field(default_factory=dict, description=SWEEP_DESCRIPTION)
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_paths(cls, grid: SweepGrid) -> SweepGrid:
+        return _check_grid(grid, cls, {"train": TrainSettings, "deepspeed": DeepSpeedSettings})
 
     @model_validator(mode="after")
     def _method_and_params(self) -> FinetuneSpec:
@@ -46,12 +128,24 @@ class FinetuneSpec(_Frozen):
             object.__setattr__(self, "config", method.resolve_params(self.config))  # frozen: set once, here
         except BadInput as e:
             raise at("config", str(e)) from None
+        sweep_points("", self)  # every point valid, with the method's own checks
         return self
 
 
 class MergeSpec(MergeSettings):
     experts: list[str] = Field(min_length=1, description="fine-tune names; a per_task name means all of them")
     evaluate: bool = True
+    sweep: SweepGrid = Field(default_factory=dict, description=SWEEP_DESCRIPTION)
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_paths(cls, grid: SweepGrid) -> SweepGrid:
+        return _check_grid(grid, cls, {})
+
+    @model_validator(mode="after")
+    def _points(self) -> MergeSpec:
+        sweep_points("", self)
+        return self
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -90,10 +184,17 @@ class EvaluateSpec(EvaluateSettings):
             raise at(f"per_task.{where}", f"{msg} (for task {task})") from None
 
 
+class AnalysisSpec(AnalysisSettings):
+    """Analyse every fine-tune's weight update; compare it with the reference full fine-tune's."""
+
+    reference: str | None = Field(None, description="a full fine-tune (trained on the same tasks) to compare with")
+
+
 class ResourcesSpec(_Frozen):
     train: Resources = Resources()
     merge: Resources = Resources()
     evaluate: Resources = Resources()
+    analyze: Resources = Resources()
     max_retries: int = Field(1, ge=0, description="retries of a failed job before it is recorded as failed")
 
 
@@ -108,6 +209,7 @@ class Spec(_Frozen):
     finetunes: dict[str, FinetuneSpec] = Field(default_factory=dict)
     merges: dict[str, MergeSpec] = Field(default_factory=dict)
     evaluate: EvaluateSpec
+    analysis: AnalysisSpec | None = Field(None, description="weight-update analysis of the fine-tunes; off if absent")
     resources: ResourcesSpec = ResourcesSpec()
 
     @field_validator("include_paths")
@@ -134,30 +236,57 @@ class Spec(_Frozen):
 
     @model_validator(mode="after")
     def _names_and_references(self) -> Spec:
-        for name, finetune in self.finetunes.items():
+        points = self.finetune_points()
+        for name, finetune_points in points.items():
             if name == BASE_LABEL:
                 raise at(f"finetunes.{name}", f"the name {BASE_LABEL!r} is taken by the base model's row")
-            try:
-                self.train_settings(finetune)
-            except ValidationError as e:
-                where, msg = error_message(e)
-                raise at(f"finetunes.{name}.train.{where}", msg) from None
+            for point in finetune_points:
+                try:
+                    self.train_settings(point.item)
+                except ValidationError as e:
+                    where, msg = error_message(e)
+                    shown = f" (sweep point {point.label})" if point.sweep_of else ""
+                    raise at(f"finetunes.{name}.train.{where}", msg + shown) from None
+        known = self.expert_names()
         for name, merge in self.merges.items():
-            if name in self.finetunes or name == BASE_LABEL:
+            if name in known or name in self.finetunes or name == BASE_LABEL:
                 raise at(f"merges.{name}", "the name is already used by a fine-tune or the base")
             for i, expert in enumerate(merge.experts):
-                if expert not in self.finetunes:
-                    known = ", ".join(self.finetunes) or "none"
-                    raise at(f"merges.{name}.experts[{i}]", f"unknown fine-tune {expert!r} (known: {known})")
+                if expert not in known:
+                    if expert in points:
+                        hint = f"{expert} is swept: name one of its points, e.g. {points[expert][0].label}"
+                    else:
+                        hint = f"known: {', '.join(known) or 'none'}"
+                    raise at(f"merges.{name}.experts[{i}]", f"unknown fine-tune {expert!r} ({hint})")
             self._check_mergeable(name, merge)
+        if self.analysis and self.analysis.reference is not None:
+            from pefteval_harness.finetuning import get_method
+
+            reference = self.analysis.reference
+            if reference not in known:
+                raise at("analysis.reference", f"unknown fine-tune {reference!r} (known: {', '.join(known)})")
+            if get_method(known[reference].method).produces != "model":
+                raise at("analysis.reference", f"{reference} ({known[reference].method}) is not a full fine-tune")
         return self
+
+    def finetune_points(self) -> dict[str, list[SweepPoint]]:
+        """Every fine-tune's sweep points (the fine-tune itself when it has no sweep)."""
+        return {name: sweep_points(name, finetune) for name, finetune in self.finetunes.items()}
+
+    def merge_points(self) -> dict[str, list[SweepPoint]]:
+        return {name: sweep_points(name, merge) for name, merge in self.merges.items()}
+
+    def expert_names(self) -> dict[str, FinetuneSpec]:
+        """What merges and the analysis may name: unswept fine-tunes by name, sweep points by label."""
+        return {p.label: p.item for points in self.finetune_points().values() for p in points}
 
     def _check_mergeable(self, name: str, merge: MergeSpec) -> None:
         """The merge engine's own rules, asked of what the experts' methods will produce."""
         from pefteval_harness.finetuning import get_method
         from pefteval_harness.merging import ADAPTER_FAMILIES, check_adapters
 
-        methods = {expert: get_method(self.finetunes[expert].method) for expert in merge.experts}
+        finetunes = self.expert_names()
+        methods = {expert: get_method(finetunes[expert].method) for expert in merge.experts}
         produced = sorted({m.produces for m in methods.values()})
         if len(produced) > 1:
             raise at(f"merges.{name}.experts", "experts must all be full models or all adapters")
@@ -172,7 +301,7 @@ class Spec(_Frozen):
                     f"{expert} ({method.name}) adapters cannot be merged"
                     f" (mergeable adapter families: {', '.join(ADAPTER_FAMILIES)})",
                 )
-        configs = [methods[e].adapter_config(self.finetunes[e].config) for e in merge.experts]
+        configs = [methods[e].adapter_config(finetunes[e].config) for e in merge.experts]
         try:
             check_adapters(configs, merge.space, list(merge.experts))
         except BadInput as e:

@@ -65,6 +65,12 @@ def _merge(job: Job, store: Store) -> dict:
     return merge(job, store)
 
 
+def _analyze(job: Job, store: Store) -> dict:
+    from pefteval_harness.jobs.analyze import analyze
+
+    return analyze(job, store)
+
+
 def _evaluate(job: Job, store: Store) -> dict:
     from pefteval_harness.jobs.evaluate import evaluate_batch
 
@@ -85,6 +91,7 @@ JOB_KINDS: dict[str, JobKind] = {
     "train": JobKind(_train, version=2),  # 2: prompts truncated from the left, answers kept whole
     "merge": JobKind(_merge, version=2),  # 2: typed parameters, seeded per-tensor generators, sharded output
     "evaluate": JobKind(_evaluate, version=2),  # 2: one task per job
+    "analyze": JobKind(_analyze, version=1),
 }
 
 

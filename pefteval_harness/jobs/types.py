@@ -71,6 +71,9 @@ class Lineage(_Frozen):
     base: str  # the base model as the spec names it
     trained_on: list[str] = []
     merge: MergeLineage | None = None
+    # A sweep point: the fine-tune or merge it was expanded from, and its values ("config.r": 4, ...).
+    sweep_of: str | None = None
+    sweep: dict[str, Any] = {}
 
 
 # --- settings ----------------------------------------------------------------------------------------
@@ -87,6 +90,7 @@ class TrainSettings(_Frozen):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(128, ge=8, description="longest training sequence, in tokens")
     limit: int | None = Field(None, ge=1, description="at most this many training docs per task")
+    data_fraction: float = Field(1.0, gt=0, le=1, description="train on this seeded share of the docs of each task")
     warmup: float = Field(0.0, ge=0, description="warm-up steps, or a fraction of all steps if below 1")
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: Literal[  # transformers' SchedulerType names
@@ -163,7 +167,30 @@ class EvaluateConfig(_Frozen):
     include_paths: list[str]
 
 
-JobConfig = Annotated[BaseConfig | TrainConfig | MergeConfig | EvaluateConfig, Field(discriminator="kind")]
+class AnalysisSettings(_Frozen):
+    """How weight updates are analysed (see `pefteval_harness.analysis`)."""
+
+    rank_tolerance: float = Field(
+        1e-3, gt=0, lt=1, description="singular values below this share of the largest one count as zero"
+    )
+    top_k: int = Field(8, ge=1, description="dimension of the singular subspaces compared with the reference's")
+
+
+class AnalyzeConfig(_Frozen):
+    """Analyse one fine-tune's weight update ΔW against the base and, if given, a reference fine-tune (FFT)."""
+
+    kind: Literal["analyze"] = "analyze"
+    method: str  # the fine-tuning method of `model`
+    base: ModelRef
+    model: LoadedModel  # the fine-tuned model: a full model, or base + adapter
+    reference: LoadedModel | None  # the full fine-tune on the same training tasks, when the spec has one
+    settings: AnalysisSettings
+    trust_remote_code: bool
+
+
+JobConfig = Annotated[
+    BaseConfig | TrainConfig | MergeConfig | EvaluateConfig | AnalyzeConfig, Field(discriminator="kind")
+]
 
 
 class Resources(_Frozen):

@@ -31,6 +31,10 @@ DONE, FAILED = "done", "failed"
 CLAIM_STALE_SECONDS = 120.0
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: the process umask, restored at once
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,6 +44,7 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

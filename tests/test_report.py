@@ -385,3 +385,288 @@ def test_a_plan_of_an_older_schema_is_refused(tmp_path):
         f"{tmp_path}/plan.json: written by an older pefteval (plan schema 1); this version reads schema 2: "
         "rerun into a new --output folder"
     )
+
+
+# --- task families -----------------------------------------------------------------------------------------
+
+FAMILIES = {f"pefteval-peft-{family}": [f"{family[:3]}{i}" for i in range(4)]
+            for family in ("classification", "generation", "reasoning", "instruction")}  # fmt: skip
+MEAN = [{"metric": "acc", "aggregation": "mean", "weight_by_size": False, "filter_list": ["none"]}]
+
+
+def md_section(markdown: str, heading: str) -> dict[str, list[str]]:
+    """The first table under a `## heading` line, as md_table reads it."""
+    after = ("\n" + markdown).split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return md_table(next(block for block in after.split("\n\n") if block.lstrip().startswith("|")))
+
+
+def family_store(root: Path) -> Path:
+    """16 tasks in four families, an umbrella group over all of them, one task in no group; two models."""
+    groups = {name: {"tasks": tasks, "aggregate": MEAN} for name, tasks in FAMILIES.items()}
+    groups["pefteval-peft15"] = {"tasks": [t for tasks in FAMILIES.values() for t in tasks], "aggregate": MEAN}
+    store = StoreBuilder(root, groups=groups)
+    for label, method, offset in (("lora", "lora", 0.0), ("fft", "full", 0.1)):
+        for i, task in enumerate([*groups["pefteval-peft15"]["tasks"], "solo"]):
+            result = lm_eval_result({task: acc_task(round(0.3 + 0.02 * i + offset, 2))})
+            store.evaluate(label, task, result, lineage(label, method))
+    return store.write()
+
+
+def test_many_tasks_one_table_per_family_and_aggregates_up_front(tmp_path):
+    markdown = render(collect(family_store(tmp_path)), "markdown")
+
+    overview = md_table(markdown)  # 17 tasks: aggregates, the task in no family, the average
+    assert overview["model"] == ["model", "method", "solo (acc)", "pefteval-peft-classification (acc)",
+                                 "pefteval-peft-generation (acc)", "pefteval-peft-instruction (acc)",
+                                 "pefteval-peft-reasoning (acc)", "pefteval-peft15 (acc)", "average (acc)"]  # fmt: skip
+    # classification: tasks 0-3 (0.30..0.36), generation 4-7, reasoning 8-11, instruction 12-15, solo 16
+    assert overview["lora"] == ["lora", "lora", "0.620", "0.330", "0.410", "0.570", "0.490", "0.450", "0.460"]
+    assert overview["fft"][2:4] == ["0.720", "0.430"]
+    for name, tasks in FAMILIES.items():
+        table = md_section(markdown, name)
+        assert table["model"] == ["model", "method", *(f"{t} (acc)" for t in tasks), f"{name} (acc)"]
+    reasoning = md_section(markdown, "pefteval-peft-reasoning")
+    assert reasoning["lora"] == ["lora", "lora", "0.460", "0.480", "0.500", "0.520", "0.490"]
+    assert reasoning["fft"] == ["fft", "full", "0.560", "0.580", "0.600", "0.620", "0.590"]
+    assert "\n## pefteval-peft15\n" not in markdown  # an umbrella over the families: its aggregate is up front
+
+
+def test_family_tables_only_when_the_first_table_does_not_show_them(tmp_path):
+    one = StoreBuilder(tmp_path / "one", groups={"quick": {"tasks": ["t1", "t2"]}})
+    two = StoreBuilder(tmp_path / "two", groups={"g1": {"tasks": ["t1"], "aggregate": MEAN}, "g2": {"tasks": ["t2"]}})
+    for store in (one, two):
+        store.root.mkdir()
+        for task, acc in (("t1", 0.5), ("t2", 0.7)):
+            store.evaluate("a", task, lm_eval_result({task: acc_task(acc)}))
+    single = render(collect(one.write()), "markdown")
+    assert "## " not in single and md_table(single)["a"] == ["a", "lora", "0.500", "0.700", "0.600"]
+
+    double = render(collect(two.write()), "markdown")
+    assert md_table(double)["a"] == ["a", "lora", "0.500", "0.700", "0.500", "0.600"]  # all tasks, g1, average
+    assert md_section(double, "g1")["a"] == ["a", "lora", "0.500", "0.500"]  # its aggregate, no average
+    assert md_section(double, "g2")["a"] == ["a", "lora", "0.700", "0.700"]  # no aggregate: the average
+
+
+# --- robustness gaps ---------------------------------------------------------------------------------------
+
+
+def adversarial_store(root: Path) -> Path:
+    store = StoreBuilder(root)
+    partner = {"metadata": {"clean_partner": "clean1"}}
+    partner2 = {"metadata": {"clean_partner": "clean2"}}
+    scores = {"a": {"clean1": 0.8, "adv1": 0.5, "clean2": 0.6, "adv2": 0.55},
+              "b": {"clean1": 0.7, "adv1": None, "clean2": 0.9, "adv2": 0.9}}  # fmt: skip
+    for label, tasks in scores.items():
+        for task, acc in tasks.items():
+            extra = {"adv1": partner, "adv2": partner2}.get(task, {})
+            if acc is None:
+                store.evaluate(label, task, None, lineage(label, "lora"), state="failed", reason="boom",
+                               error_class="error")  # fmt: skip
+            else:
+                store.evaluate(label, task, lm_eval_result({task: acc_task(acc, **extra)}), lineage(label, "lora"))
+    exact = {"scores": {"exact_match,none": 0.25}, "n": 4, "metrics": ["exact_match"], **partner}
+    store.evaluate("c", "clean1", lm_eval_result({"clean1": acc_task(0.75)}), lineage("c", "ia3"))
+    store.evaluate("c", "adv1", lm_eval_result({"adv1": exact}), lineage("c", "ia3"))
+    return store.write()
+
+
+def test_robustness_gaps_pair_tasks_by_their_clean_partner(tmp_path):
+    report = collect(adversarial_store(tmp_path))
+
+    assert {r.task: r.clean_partner for r in of(report, "score", model="a")} == {
+        "clean1": None, "adv1": "clean1", "clean2": None, "adv2": "clean2"
+    }  # fmt: skip
+    gaps = {(r.model, r.task): r for r in of(report, "gap")}
+    assert math.isclose(gaps["a", "adv1"].value, 0.8 - 0.5) and math.isclose(gaps["a", "adv2"].value, 0.6 - 0.55)
+    assert (gaps["a", "adv1"].metric, gaps["a", "adv1"].clean_partner, gaps["a", "adv1"].higher_is_better) == (
+        "acc", "clean1", False
+    )  # fmt: skip
+    assert math.isclose(gaps["a", None].value, (0.3 + 0.05) / 2) and gaps["a", None].n == 2
+    assert gaps["a", None].metric == "mean"
+    assert gaps["b", "adv1"].value is None and gaps["b", "adv1"].error == "no score for adv1"
+    assert gaps["b", "adv2"].value == 0.0
+    assert gaps["b", None].value is None and gaps["b", None].error == "missing adv1"
+    assert gaps["c", "adv1"].error == "primary metrics differ: clean1 acc, adv1 exact_match"
+    assert ("c", "adv2") not in gaps  # never scored there: no row
+
+    markdown = render(report, "markdown")
+    summary = md_section(markdown, "Robustness")
+    assert summary["model"] == ["model", "method", "adversarial tasks", "clean (mean)", "adversarial (mean)",
+                                "gap (mean)"]  # fmt: skip
+    assert summary["a"] == ["a", "lora", "2", "0.700", "0.525", "+0.175"]
+    assert summary["b"] == ["b", "lora", "2", "-", "-", "-"]
+    detail = markdown.split("\n## Robustness\n", 1)[1].split("| adversarial task", 1)[1].splitlines()
+    assert "| adv1 | clean1 | acc | a | lora | 0.800 | 0.500 | +0.300 |" in [" ".join(line.split()) for line in detail]
+    assert "- no gap for c on adv1: primary metrics differ: clean1 acc, adv1 exact_match\n" in markdown
+    rows = json.loads(render(report, "json"))  # every record, gaps included, after the aggregates
+    shown = [(row["model"], row["task"], row["value"]) for row in rows if row["record"] == "gap"]
+    assert shown[:3] == [(model, task, gaps[model, task].value) for model, task in (("a", "adv1"), ("a", "adv2"),
+                                                                                      ("a", None))]  # fmt: skip
+
+
+def test_no_robustness_section_without_an_adversarial_task(tmp_path):
+    store = StoreBuilder(tmp_path)
+    store.evaluate("a", "t1", lm_eval_result({"t1": acc_task(0.5)}))
+    report = collect(store.write())
+    assert not of(report, "gap") and "Robustness" not in render(report, "markdown")
+
+
+# --- training costs ----------------------------------------------------------------------------------------
+
+TRAIN = {"method": "lora", "train": {"tasks": ["t1"]}, "base": {"kind": "local", "path": "/m", "fingerprint": "f"}}
+
+
+def test_cost_columns_for_tokens_throughput_and_accelerator_memory(tmp_path):
+    store = StoreBuilder(tmp_path)
+    common = {"steps": 5, "trainable_params": 1000, "total_params": 100000, "train_seconds": 2.5,
+              "peak_rss_mb": 512.0, "artifact_bytes": 2**20, "examples_without_answer": 0}  # fmt: skip
+    store.job("train", "cpu", TRAIN, result={**common, "trained_tokens": 12345, "tokens_per_second": 4938.0,
+                                             "peak_accelerator_mb": None})  # fmt: skip
+    store.job("train", "gpu", TRAIN, result={**common, "trained_tokens": 12345, "tokens_per_second": 90000.4,
+                                             "peak_accelerator_mb": 2048.0})  # fmt: skip
+    report = collect(store.write())
+
+    assert {r.metric: r.value for r in of(report, "cost", model="gpu")}.items() >= {
+        ("trained_tokens", 12345), ("tokens_per_second", 90000.4), ("peak_accelerator_mb", 2048.0)
+    }  # fmt: skip
+    assert "peak_accelerator_mb" not in {r.metric for r in of(report, "cost", model="cpu")}  # None: no record
+    table = md_section(render(report, "markdown"), "Training cost")
+    assert table["model"] == ["model", "method", "trainable params", "steps", "tokens", "train s", "tokens/s",
+                              "peak RSS MB", "peak accelerator MB", "artifact MB",
+                              "examples without answer"]  # fmt: skip
+    assert table["cpu"] == ["cpu", "lora", "1,000 (1.0%)", "5", "12,345", "2.5", "4,938", "512", "-", "1.00", "0"]
+    assert table["gpu"][6:9] == ["90,000", "512", "2048"]
+
+
+def test_cost_columns_no_job_has_are_left_out(tmp_path):
+    store = StoreBuilder(tmp_path)  # a train result of before tokens and accelerator memory were recorded
+    store.job("train", "old", TRAIN, result={"steps": 5, "trainable_params": 10, "train_seconds": 1.0})
+    table = md_section(render(collect(store.write()), "markdown"), "Training cost")
+    assert table["model"] == ["model", "method", "trainable params", "steps", "train s"]
+
+
+# --- weight-update analyses --------------------------------------------------------------------------------
+
+
+def module(name: str, layer: int | None, overlap: float | None, rank: int = 4) -> dict:
+    return {"module": name, "layer": layer, "kind": name.rsplit(".", 1)[-1], "shape": [8, 8], "rank": rank,
+            "effective_rank": rank - 0.5, "frobenius": 0.25, "relative_frobenius": 0.01,
+            "subspace_overlap": overlap, "principal_angles_deg": None if overlap is None else [10.0, 20.0],
+            "right_subspace_overlap": None if overlap is None else overlap / 2}  # fmt: skip
+
+
+def analysis(modules: list[dict], overlap: float | None) -> dict:
+    summary = {"modules": len(modules), "rank": 4.0, "effective_rank": 3.5, "frobenius": 0.5,
+               "relative_frobenius": 0.0123, "subspace_overlap": overlap,
+               "right_subspace_overlap": None if overlap is None else 0.125}  # fmt: skip
+    return {"weight_update": True, "reason": None, "method": "lora", "reference": overlap is not None,
+            "settings": {"rank_tolerance": 0.001, "top_k": 8}, "modules": modules, "summary": summary}  # fmt: skip
+
+
+PROMPT_REASON = "prompt_tuning learns virtual token embeddings: no weight of the model changes"
+
+
+def analysis_store(root: Path) -> Path:
+    store = StoreBuilder(root)
+    config = {"method": "lora", "settings": {"rank_tolerance": 0.001, "top_k": 8}}
+    lora = [module("model.layers.0.self_attn.q_proj", 0, 0.2), module("model.layers.0.self_attn.v_proj", 0, 0.4),
+            module("model.layers.1.self_attn.q_proj", 1, 0.9), module("lm_head", None, 0.5)]  # fmt: skip
+    store.job("analyze", "lora", config, result=analysis(lora, 0.5), lin=lineage("lora", "lora", ["t1"]))
+    fft = [module("model.layers.0.self_attn.q_proj", 0, None, rank=8)]
+    store.job("analyze", "fft", {**config, "method": "full"}, result={**analysis(fft, None), "method": "full"},
+              lin=lineage("fft", "full", ["t1"]))  # fmt: skip
+    prompt = {"weight_update": False, "reason": PROMPT_REASON, "method": "prompt_tuning", "reference": True,
+              "settings": {"rank_tolerance": 0.001, "top_k": 8}, "modules": [],
+              "summary": {"modules": 0, "rank": 0.0, "effective_rank": 0.0, "frobenius": 0.0,
+                          "relative_frobenius": 0.0, "subspace_overlap": None}}  # fmt: skip
+    store.job("analyze", "prompt", {**config, "method": "prompt_tuning"}, result=prompt,
+              lin=lineage("prompt", "prompt_tuning", ["t1"]))  # fmt: skip
+    store.job("analyze", "ia3", {**config, "method": "ia3"}, state="failed", reason="RuntimeError: x",
+              error_class="error", lin=lineage("ia3", "ia3", ["t1"]))  # fmt: skip
+    return store.write()
+
+
+def test_analysis_records_per_module_and_summary(tmp_path):
+    report = collect(analysis_store(tmp_path))
+
+    lora = of(report, "analysis", model="lora")
+    assert [(r.metric, r.value, r.n) for r in lora if r.module is None] == [
+        ("weight_update", 1.0, None), ("rank", 4.0, 4), ("effective_rank", 3.5, 4), ("frobenius", 0.5, 4),
+        ("relative_frobenius", 0.0123, 4), ("subspace_overlap", 0.5, 4), ("right_subspace_overlap", 0.125, 4),
+    ]  # fmt: skip
+    q0 = [r for r in lora if r.module == "model.layers.0.self_attn.q_proj"]
+    assert [(r.metric, r.value, r.layer) for r in q0] == [("rank", 4.0, 0), ("effective_rank", 3.5, 0),
+        ("frobenius", 0.25, 0), ("relative_frobenius", 0.01, 0), ("subspace_overlap", 0.2, 0),
+        ("right_subspace_overlap", 0.1, 0)]  # fmt: skip
+    assert {r.layer for r in lora if r.module == "lm_head"} == {None}
+    fft = {r.metric for r in of(report, "analysis", model="fft")}
+    assert not {"subspace_overlap", "right_subspace_overlap"} & fft  # it is the reference: no overlap
+    (prompt,) = of(report, "analysis", model="prompt")  # no ΔW: no zeros either
+    assert (prompt.metric, prompt.value, prompt.note, prompt.method) == (
+        "weight_update", 0.0, PROMPT_REASON, "prompt_tuning"
+    )  # fmt: skip
+    (failure,) = of(report, "failure")
+    assert (failure.model, failure.task, failure.error) == ("ia3", None, "RuntimeError: x")
+    rows = list(csv.DictReader(io.StringIO(render(report, "csv"))))
+    assert {(row["module"], row["layer"]) for row in rows if row["model"] == "lora"} >= {
+        ("", ""), ("model.layers.1.self_attn.q_proj", "1"), ("lm_head", "")
+    }  # fmt: skip
+
+
+def test_analysis_tables_per_method_and_per_layer(tmp_path):
+    markdown = render(collect(analysis_store(tmp_path)), "markdown")
+
+    summary = md_section(markdown, "Weight updates")
+    assert summary["model"] == ["model", "method", "modules", "rank", "effective rank", "Frobenius norm",
+                                "relative norm", "subspace overlap with FFT"]  # fmt: skip
+    assert summary["lora"] == ["lora", "lora", "4", "4.0", "3.5", "0.5", "0.0123", "0.500"]
+    assert summary["fft"] == ["fft", "full", "1", "4.0", "3.5", "0.5", "0.0123", "-"]
+    assert summary["prompt"] == ["prompt", "prompt_tuning", "no ΔW (prompt learning)", "-", "-", "-", "-", "-"]
+    assert f"- prompt: {PROMPT_REASON}\n" in markdown
+    per_layer = md_table(markdown.split("per layer (mean over the layer's modules):\n\n", 1)[1])
+    assert per_layer["layer"] == ["layer", "lora"]  # fft has no overlap (it is the reference); lm_head no layer
+    assert per_layer["0"] == ["0", "0.300"] and per_layer["1"] == ["1", "0.900"]
+
+
+# --- sweeps ------------------------------------------------------------------------------------------------
+
+
+def test_sweep_points_carry_their_sweep_on_every_record(tmp_path):
+    store = StoreBuilder(tmp_path, groups={"g": {"tasks": ["t1"], "aggregate": MEAN}})
+    point = {**lineage("lora[r=4]", "lora", ["t1"]), "sweep_of": "lora", "sweep": {"config.r": 4}}
+    store.job("train", "lora[r=4]", TRAIN, result={"steps": 5, "trainable_params": 10}, lin=point)
+    store.evaluate("lora[r=4]", "t1", lm_eval_result({"t1": acc_task(0.5)}), point)
+    store.evaluate("fft", "t1", lm_eval_result({"t1": acc_task(0.6)}), lineage("fft", "full"))
+    report = collect(store.write())
+
+    swept = [r for r in report.records if r.model == "lora[r=4]"]
+    assert {r.record for r in swept} == {"score", "aggregate", "cost"}
+    assert all(r.sweep_of == "lora" and r.sweep == {"config.r": 4} for r in swept)
+    assert all(r.sweep_of is None and r.sweep == {} for r in report.records if r.model == "fft")
+    assert FIELDS[-6:] == ["clean_partner", "sweep_of", "sweep", "module", "layer", "note"]  # new columns last
+    (item, *_) = json.loads(render(report, "json"))
+    assert item["sweep"] == {"config.r": 4} and item["sweep_of"] == "lora"
+    line = next(csv.DictReader(io.StringIO(render(report, "csv"))))
+    assert json.loads(line["sweep"]) == {"config.r": 4} and line["sweep_of"] == "lora"
+
+
+def test_an_aggregate_leaves_out_leaves_without_its_metric_but_not_failed_leaves(tmp_path):
+    exact = {"scores": {"exact_match,none": 0.1}, "n": 10, "metrics": ["exact_match"]}  # gsm8k in an acc mean
+    groups = {"reasoning": {"tasks": ["arc", "gsm", "wino"], "aggregate": MEAN},
+              "gen": {"tasks": ["gsm"], "aggregate": MEAN}}  # fmt: skip
+    store = StoreBuilder(tmp_path, groups=groups)
+    for label, wino in (("a", 0.75), ("b", None)):
+        store.evaluate(label, "arc", lm_eval_result({"arc": acc_task(0.25)}))
+        store.evaluate(label, "gsm", lm_eval_result({"gsm": exact}))
+        if wino is None:
+            store.evaluate(label, "wino", None, state="failed", reason="boom", error_class="error")
+        else:
+            store.evaluate(label, "wino", lm_eval_result({"wino": acc_task(wino)}))
+    report = collect(store.write())
+
+    (a,) = of(report, "aggregate", model="a", group="reasoning")
+    assert math.isclose(a.value, (0.25 + 0.75) / 2) and a.n == 20  # as lm-eval: gsm reports no acc
+    (b,) = of(report, "aggregate", model="b", group="reasoning")
+    assert b.value is None and b.error == "missing wino"  # a failed leaf is not silently dropped
+    (none,) = of(report, "aggregate", model="a", group="gen")
+    assert none.value is None and none.error == "no leaf task reports acc (none)"

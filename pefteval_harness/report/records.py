@@ -1,20 +1,36 @@
-"""The tidy results table: one `Record` per (model, task or group, metric, filter), plus costs and failures.
+"""The tidy results table: one `Record` per (model, task or group, metric, filter), plus costs, robustness
+gaps, weight-update analyses and failures.
 
-Every rendering (markdown, csv, json) is a pure function of a list of records, and records are built from
-the store's files alone: the plan (jobs, their lineage, task groups), each job's status and result.
+Every rendering (markdown, csv, json, plots) is a pure function of a list of records, and records are built
+from the store's files alone: the plan (jobs, their lineage, task groups), each job's status and result.
 
 Kinds of record (`record` field):
-  score      one (metric, filter) of one task for one model, read from lm-eval's results dict
+  score      one (metric, filter) of one task for one model, read from lm-eval's results dict. An adversarial
+             task's records name the task it perturbs in `clean_partner` (its config's metadata.clean_partner)
   aggregate  one (metric, filter) of a task group for one model: `group` is the group, `task` is None.
              Store models: recomputed from the leaves' score records as the plan's groups say (the mean of
-             the leaves, weighted by their sample counts when weight_by_size), and only when every leaf has
-             that metric (else value None, error "missing <task>, ..."). Plain lm-eval results files: the
+             the leaves, weighted by their sample counts when weight_by_size). As in lm-eval, a leaf that
+             does not report the metric is left out; unlike lm-eval, a leaf without scores (its evaluation
+             failed) makes the value None, error "missing <task>, ...". Plain lm-eval results files: the
              group rows lm-eval wrote (it had the group's aggregate_metric_list; we do not).
-  cost       one training quantity of a finished train job (`metric` names it), task None
-  failure    one failed job: task set for an evaluation, None for train / merge / base jobs
+  gap        robustness: per model and adversarial task (`task`; `clean_partner` its clean task), the clean
+             task's primary score minus the adversarial task's (`metric` is that shared primary metric);
+             value None with `error` when a score is missing or the two primary metrics differ. Plus, per
+             model, `task` None and `metric` "mean": the mean of its gaps (`n` of them; higher-is-better
+             metrics only), None when one of them is missing
+  cost       one training quantity of a finished train job (`metric` names it, COST_METRICS), task None
+  analysis   the weight update ΔW of a fine-tune (analyze jobs): `metric` in ANALYSIS_METRICS, per module
+             (`module`, `layer`) and, `module` None, the job's summary over its modules (`n` modules). Every
+             analysed model also has a "weight_update" record: 1, or 0 for a method that changes no weight
+             (prompt learning), whose `note` says why and which has no other analysis record; the job's
+             reason, if any, is its `note` (also "no weight differs from the base's" with no module)
+  failure    one failed job: task set for an evaluation, None for train / merge / analyze / base jobs
 
 `group` is only set on aggregate records; `groups` lists, on score and failure records of a task, the
-groups whose leaves include the task (sorted). Lists (trained_on, experts, groups) are lists in JSON.
+groups whose leaves include the task (sorted). Every record of a model carries its lineage: method, base,
+trained_on, merge fields, and for a sweep point `sweep_of` (the fine-tune or merge it was expanded from)
+and `sweep` ({"config.r": 4}: dotted spec field -> the point's value; {} otherwise). Lists (trained_on,
+experts, groups) are lists in JSON, `sweep` an object.
 """
 
 from __future__ import annotations
@@ -23,16 +39,29 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-RecordKind = Literal["score", "aggregate", "cost", "failure"]
+RecordKind = Literal["score", "aggregate", "gap", "cost", "analysis", "failure"]
 COST_METRICS = (
     "trainable_params",
     "trainable_share",
     "steps",
+    "trained_tokens",
     "train_seconds",
+    "tokens_per_second",
     "peak_rss_mb",
+    "peak_accelerator_mb",  # None (no record) without an accelerator
     "artifact_mb",
     "examples_without_answer",
 )
+# subspace_overlap: of ΔW's top left singular subspace (its output space) with the reference's; right_: input space
+ANALYSIS_METRICS = (
+    "rank",
+    "effective_rank",
+    "frobenius",
+    "relative_frobenius",
+    "subspace_overlap",
+    "right_subspace_overlap",
+)
+MEAN_GAP = "mean"  # the metric of a model's mean robustness gap record
 
 
 @dataclass
@@ -60,6 +89,13 @@ class Record:
     k: int | None = None
     seed: int | None = None  # the merge's seed (None unless a merge)
     error_class: str | None = None
+    # Appended after the columns above, so readers of older CSVs find theirs where they were.
+    clean_partner: str | None = None  # score and gap records of an adversarial task: its clean task
+    sweep_of: str | None = None
+    sweep: dict[str, Any] = field(default_factory=dict)
+    module: str | None = None  # analysis records: the weight's module (None: the summary over modules)
+    layer: int | None = None
+    note: str | None = None  # why a value is absent when that is not an error (no weight update)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +116,8 @@ class Model:
     experts: tuple[str, ...] = ()
     k: int | None = None
     seed: int | None = None
+    sweep_of: str | None = None
+    sweep: tuple[tuple[str, Any], ...] = ()  # (field, value) pairs: the dataclass stays immutable
 
     @classmethod
     def from_lineage(cls, lineage: dict, label: str | None = None) -> Model:
@@ -93,17 +131,23 @@ class Model:
             experts=tuple(merge.get("experts") or ()),
             k=merge.get("k"),
             seed=merge.get("seed"),
+            sweep_of=lineage.get("sweep_of"),
+            sweep=tuple((lineage.get("sweep") or {}).items()),
         )
 
     @classmethod
     def of(cls, record: Record) -> Model:
-        names = [f.name for f in fields(cls)]
-        return cls(**{name: tuple(v) if isinstance(v := getattr(record, name), list) else v for name in names})
+        def frozen(value):
+            if isinstance(value, dict):
+                return tuple(value.items())
+            return tuple(value) if isinstance(value, list) else value
+
+        return cls(**{f.name: frozen(getattr(record, f.name)) for f in fields(cls)})
 
     def fields(self) -> dict[str, Any]:
         """Keyword arguments of a Record."""
-        out = asdict(self)
-        out["trained_on"], out["experts"] = list(self.trained_on), list(self.experts)
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["trained_on"], out["experts"], out["sweep"] = list(self.trained_on), list(self.experts), dict(self.sweep)
         return out
 
 
@@ -141,6 +185,15 @@ def primary_key(result: dict, task: str) -> tuple[str, str] | None:
     if wanted in pairs:
         return wanted
     return pairs[0] if pairs else None
+
+
+def clean_partner(config: dict) -> str | None:
+    """The clean task an adversarial task perturbs: its metadata's clean_partner."""
+    metadata = config.get("metadata") if isinstance(config, dict) else None
+    if not isinstance(metadata, dict):
+        return None
+    partner = metadata.get("clean_partner")
+    return partner if isinstance(partner, str) and partner else None
 
 
 def _leaves(group_subtasks: dict[str, list[str]], name: str, seen: frozenset = frozenset()) -> list[str]:
@@ -187,6 +240,7 @@ def score_records(result: dict, model: Model, job_id: str, groups: dict[str, lis
                     primary=(metric, filt) == primary,
                     job_id=job_id,
                     error=None if value is not None else f"not a finite number: {scores[f'{metric},{filt}']!r}",
+                    clean_partner=clean_partner(configs[name]) if is_task else None,
                 )
             )
     return records
@@ -206,6 +260,80 @@ def failure_record(model: Model, job_id: str, status: dict, task: str | None = N
     )
 
 
+def analysis_records(model: Model, job_id: str, result: dict) -> list[Record]:
+    """Records of an analyze job's result: whether the method changed any weight, then its summary over
+    modules (module None) and each module's quantities. A method without a weight update (prompt learning)
+    gets the "weight_update" record alone, with the job's reason as its note, so no table shows zeros."""
+    update = result.get("weight_update") is not False
+    common = {**model.fields(), "record": "analysis", "task": None, "job_id": job_id}
+    out = [Record(**common, metric="weight_update", value=float(update), note=result.get("reason"))]
+    if not update:
+        return out
+    summary = result.get("summary") or {}
+    count = summary.get("modules")
+    count = count if isinstance(count, int) and not isinstance(count, bool) else None
+    out += [
+        Record(**common, metric=name, value=number(summary.get(name)), n=count)
+        for name in ANALYSIS_METRICS
+        if number(summary.get(name)) is not None  # no overlap without a reference fine-tune
+    ]
+    for entry in result.get("modules") or []:
+        layer = entry.get("layer")
+        layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
+        out += [
+            Record(**common, metric=name, value=number(entry.get(name)), module=entry.get("module"), layer=layer)
+            for name in ANALYSIS_METRICS
+            if number(entry.get(name)) is not None
+        ]
+    return out
+
+
+def gap_records(records: list[Record]) -> list[Record]:
+    """Robustness gaps from the primary score records: for each model scored (or failed) on an adversarial
+    task (a task whose score records name a `clean_partner`), clean minus adversarial; then per model the
+    mean of its gaps. Models in record order, adversarial tasks sorted."""
+    primaries = {(r.model, r.task): r for r in records if r.record == "score" and r.primary}
+    partners = dict(sorted({r.task: r.clean_partner for r in primaries.values() if r.clean_partner}.items()))
+    models: dict[str, Model] = {}
+    for r in records:
+        if r.record in ("score", "failure") and r.task in partners:
+            models.setdefault(r.model, Model.of(r))
+    scored = {(r.model, r.task) for r in records if r.record in ("score", "failure")}
+    out = []
+    for label, model in models.items():
+        gaps = []
+        for adversarial, clean in partners.items():
+            if (label, adversarial) not in scored:
+                continue
+            adv, ref = primaries.get((label, adversarial)), primaries.get((label, clean))
+            gap = Record(**model.fields(), record="gap", task=adversarial, clean_partner=clean, value=None,
+                         metric=adv.metric if adv else None, filter=adv.filter if adv else None,
+                         job_id=adv.job_id if adv else None)  # fmt: skip
+            if adv is None or adv.value is None:
+                gap.error = f"no score for {adversarial}"
+            elif ref is None or ref.value is None:
+                gap.error = f"no score for {clean}"
+            elif ref.metric != adv.metric:
+                gap.error = f"primary metrics differ: {clean} {ref.metric}, {adversarial} {adv.metric}"
+            else:
+                gap.value = ref.value - adv.value
+                # a drop is a positive gap for a higher-is-better metric: there, smaller gaps are better
+                gap.higher_is_better = None if adv.higher_is_better is None else not adv.higher_is_better
+                gap.n = adv.n
+            gaps.append(gap)
+        # lower-is-better metrics (perplexities) gap the other way round and on another scale: not averaged
+        averaged = [g for g in gaps if g.higher_is_better is not True]
+        mean = Record(**model.fields(), record="gap", task=None, metric=MEAN_GAP, value=None, n=len(averaged),
+                      higher_is_better=False)  # fmt: skip
+        missing = [g.task for g in averaged if g.value is None]
+        if missing or not averaged:
+            mean.error = "missing " + (", ".join(missing) or "gaps")
+        else:
+            mean.value = sum(g.value for g in averaged) / len(averaged)
+        out += [*gaps, mean]
+    return out
+
+
 def cost_records(model: Model, job_id: str, result: dict) -> list[Record]:
     """One record per training quantity the train job's result has (task None)."""
     params, total = result.get("trainable_params"), result.get("total_params")
@@ -214,8 +342,11 @@ def cost_records(model: Model, job_id: str, result: dict) -> list[Record]:
         "trainable_params": params,
         "trainable_share": params / total if number(params) is not None and number(total) else None,
         "steps": result.get("steps"),
+        "trained_tokens": result.get("trained_tokens"),
         "train_seconds": result.get("train_seconds"),
+        "tokens_per_second": result.get("tokens_per_second"),
         "peak_rss_mb": result.get("peak_rss_mb"),
+        "peak_accelerator_mb": result.get("peak_accelerator_mb"),
         "artifact_mb": artifact / 2**20 if artifact is not None else None,
         "examples_without_answer": result.get("examples_without_answer"),
     }
@@ -231,11 +362,13 @@ def aggregate_records(records: list[Record], groups: dict[str, dict]) -> list[Re
     list (plan.json "groups"), one aggregate record per (metric, filter) the group aggregates."""
     models: dict[str, Model] = {}
     scores: dict[tuple[str, str, str, str], Record] = {}  # (model, task, metric, filter) -> score record
+    scored: set[tuple[str, str]] = set()
     for r in records:
         if r.record in ("score", "failure") and r.task is not None:
             models.setdefault(r.model, Model.of(r))
         if r.record == "score":
             scores[r.model, r.task, r.metric, r.filter] = r
+            scored.add((r.model, r.task))
     out = []
     for label, model in models.items():
         for name, group in groups.items():
@@ -247,12 +380,15 @@ def aggregate_records(records: list[Record], groups: dict[str, dict]) -> list[Re
                     seen = [f for (m, t, mt, f) in scores if m == label and t in leaves and mt == metric]
                     filters = list(dict.fromkeys(seen)) or ["none"]
                 for i, filt in enumerate(filters):
-                    found = [scores.get((label, t, metric, filt)) for t in leaves]
+                    # as lm-eval: a leaf scored without this metric (gsm8k in an acc mean) is not part of it;
+                    # unlike lm-eval, a leaf not scored at all (failed) leaves the aggregate missing
+                    mine = [t for t in leaves if (label, t) not in scored or (label, t, metric, filt) in scores]
+                    found = [scores.get((label, t, metric, filt)) for t in mine]
                     out.append(
                         _aggregate(
                             model,
                             name,
-                            leaves,
+                            mine,
                             found,
                             metric,
                             filt,
@@ -279,7 +415,7 @@ def _aggregate(model, group, leaves, found, metric, filt, spec, primary) -> Reco
         record.error = f"aggregation {spec['aggregation']!r} is not supported (mean only)"
         return record
     if missing or not leaves:
-        record.error = "missing " + (", ".join(missing) or "leaf tasks")
+        record.error = "missing " + ", ".join(missing) if missing else f"no leaf task reports {metric} ({filt})"
         return record
     values = [r.value for r in found]
     sizes = [r.n for r in found]
@@ -300,3 +436,54 @@ def _aggregate(model, group, leaves, found, metric, filt, spec, primary) -> Reco
     record.higher_is_better = directions.pop() if len(directions) == 1 else None
     record.n = sum(sizes) if all(n is not None for n in sizes) else None
     return record
+
+
+# --- views that several renderings share -------------------------------------------------------------------
+
+
+def comparable(records: list[Record]) -> bool:
+    """Scores an average may mix: higher is better and within [0, 1] (accuracies, exact match, F1...)."""
+    values = [r.value for r in records if r.value is not None]
+    return bool(values) and all(r.higher_is_better is True for r in records) and all(0 <= v <= 1 for v in values)
+
+
+def average_scores(records: list[Record]) -> tuple[list[str], dict[str, float | None]]:
+    """The tasks an average may take (their primary scores comparable), and per model with task records
+    the mean of its primary scores over them (None if it lacks one)."""
+    primaries = [r for r in records if r.record == "score" and r.primary]
+    tasks = sorted({r.task for r in primaries})
+    averaged = [t for t in tasks if comparable([r for r in primaries if r.task == t])]
+    value = {(r.model, r.task): r.value for r in primaries}
+    models = dict.fromkeys(r.model for r in records if r.record in ("score", "failure") and r.task is not None)
+    means: dict[str, float | None] = {}
+    for model in models:
+        scores = [value.get((model, t)) for t in averaged]
+        means[model] = sum(scores) / len(scores) if averaged and None not in scores else None
+    return averaged, means
+
+
+def group_leaves(records: list[Record]) -> dict[str, list[str]]:
+    """group -> its leaf tasks that have score or failure records (sorted), from the records' `groups`."""
+    leaves: dict[str, set[str]] = {}
+    for r in records:
+        if r.record in ("score", "failure") and r.task is not None:
+            for g in r.groups:
+                leaves.setdefault(g, set()).add(r.task)
+    return {g: sorted(tasks) for g, tasks in sorted(leaves.items())}
+
+
+def headline(records: list[Record]) -> tuple[str, dict[str, float]]:
+    """One score per model, for plots: the primary aggregate of the widest group (most leaf tasks; then by
+    name) if any group has one, else the average over comparable primary scores (the leaderboard's
+    average). Returns what it is ("group (metric)", "average (metrics)") and model -> value."""
+    leaves = group_leaves(records)
+    aggregates = [r for r in records if r.record == "aggregate" and r.primary]
+    if aggregates:
+        main = min({r.group for r in aggregates}, key=lambda g: (-len(leaves.get(g, ())), g))
+        rows = [r for r in aggregates if r.group == main]
+        return f"{main} ({rows[0].metric})", {r.model: r.value for r in rows if r.value is not None}
+    averaged, means = average_scores(records)
+    if not averaged:
+        return "", {}
+    metrics = dict.fromkeys(r.metric for r in records if r.record == "score" and r.primary and r.task in averaged)
+    return f"average ({', '.join(metrics)})", {m: v for m, v in means.items() if v is not None}

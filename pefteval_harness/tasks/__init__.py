@@ -244,9 +244,9 @@ def task_config(manager, name: str) -> dict:
 def task_identity(manager, name: str) -> str:
     """A hash of the task's resolved configuration (see task_config): part of job ids.
 
-    It changes with the task's YAML, its included files and the source of its `!function` modules
-    (not with anything those modules import); not with a sibling task's YAML, nor with where the
-    folder lives.
+    It changes with the task's YAML, its included files, the source of its `!function` modules and of
+    the pefteval modules they import (metrics, answer parsing, data loading; not other packages); not
+    with a sibling task's YAML, nor with where the folder lives.
     """
     text = json.dumps(task_config(manager, name), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -298,8 +298,38 @@ def _function_text(folder: Path, spec: str) -> str:
             found = None
         origin = found.origin if found is not None else None
         source = Path(origin) if origin and origin.endswith(".py") else None
-    digest = hashlib.sha256(source.read_bytes()).hexdigest() if source is not None else "missing"
+    digest = _sources_digest(source) if source is not None else "missing"
     return f"!function {spec} sha256:{digest}"
+
+
+def _sources_digest(source: Path) -> str:
+    """A hash of a hook module's source and of every pefteval module it imports, transitively: the
+    task folders' hooks re-export the package's metrics and loaders, which decide scores too."""
+    import ast
+
+    digest, todo, seen = hashlib.sha256(), [source], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        text = path.read_bytes()
+        digest.update(text)
+        for node in ast.walk(ast.parse(text)):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:  # the module, or its submodules
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                if name.split(".")[0] == "pefteval_harness":
+                    try:
+                        found = importlib.util.find_spec(name)
+                    except ImportError:  # `from pefteval_harness.x import function`: not a module
+                        found = None
+                    if found is not None and found.origin and found.origin.endswith(".py"):
+                        todo.append(Path(found.origin))
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ metrics

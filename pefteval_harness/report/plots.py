@@ -1,0 +1,196 @@
+"""Plots of the report: like the tables, pure functions of the records, drawn as PNGs into `plots/`.
+
+    plots(records) -> list[Plot]          what there is data for, in a fixed order (no drawing)
+    draw(plot) -> bytes                   one PNG (matplotlib's Agg canvas: no display, no pyplot state)
+    write_plots(records, folder)          every plot with data, as <folder>/<name>.png; a plot whose data are
+                                          gone has its old file removed, so the folder matches the records
+
+The plots, each written only when its data exist:
+  score_vs_trainable_params    per model, the headline score (`records.headline`) against its trainable
+                               parameters (log x); one line per method, or per sweep (`sweep_of`). Sweep
+                               points trained on a share of the data are left out: the next plot has them
+  score_vs_data_fraction       sweep points over train.data_fraction: headline score against the fraction;
+                               one line per sweep (and per value of its other swept fields)
+  robustness_gap               each model's mean robustness gap (clean minus adversarial), as bars
+  subspace_overlap_per_layer   per analysed model, the mean subspace overlap with full fine-tuning of each
+                               layer's modules
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pefteval_harness.report.records import MEAN_GAP, Record, headline, number
+
+PLOTS_FOLDER = "plots"
+DATA_FRACTION = "train.data_fraction"  # the sweep field of the data-fraction plot
+PLOT_NAMES = ("score_vs_trainable_params", "score_vs_data_fraction", "robustness_gap", "subspace_overlap_per_layer")
+
+
+@dataclass
+class Plot:
+    name: str  # file stem, one of PLOT_NAMES
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # line label -> points by x
+    bars: list[tuple[str, float]] = field(default_factory=list)  # (label, height), in this order
+    logx: bool = False
+    ylim: tuple[float, float] | None = None
+    integer_x: bool = False  # layers
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.png"
+
+
+def _models(records: list[Record]) -> dict[str, Record]:
+    """The first record of each model, for its lineage (method, sweep)."""
+    first: dict[str, Record] = {}
+    for r in records:
+        first.setdefault(r.model, r)
+    return first
+
+
+def _lines(points: dict[str, list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    return {label: sorted(xy) for label, xy in sorted(points.items())}
+
+
+def _score_vs_params(records: list[Record]) -> Plot | None:
+    what, scores = headline(records)
+    params: dict[str, float] = {}
+    for r in records:
+        if r.record == "cost" and r.metric == "trainable_params" and r.value and r.value > 0:
+            params.setdefault(r.model, r.value)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for model, lineage in _models(records).items():
+        if model not in params or model not in scores:
+            continue
+        fraction = number(lineage.sweep.get(DATA_FRACTION, 1.0))
+        if fraction is not None and fraction < 1:
+            continue
+        points.setdefault(lineage.sweep_of or lineage.method, []).append((params[model], scores[model]))
+    if not points:
+        return None
+    return Plot("score_vs_trainable_params", "Score vs trainable parameters", "trainable parameters", what,
+                series=_lines(points), logx=True)  # fmt: skip
+
+
+def _sweep_label(lineage: Record) -> str:
+    """The sweep's name, and its other swept fields' values: lora, lora[r=4]."""
+    others = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in lineage.sweep.items() if key != DATA_FRACTION]
+    return f"{lineage.sweep_of}[{','.join(others)}]" if others else str(lineage.sweep_of)
+
+
+def _score_vs_fraction(records: list[Record]) -> Plot | None:
+    what, scores = headline(records)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for model, lineage in _models(records).items():
+        fraction = number(lineage.sweep.get(DATA_FRACTION))
+        if fraction is not None and model in scores:
+            points.setdefault(_sweep_label(lineage), []).append((fraction, scores[model]))
+    if not points:
+        return None
+    return Plot("score_vs_data_fraction", "Score vs share of the training data", "training data fraction", what,
+                series=_lines(points))  # fmt: skip
+
+
+def _robustness_gap(records: list[Record]) -> Plot | None:
+    bars = [
+        (r.model, r.value)
+        for r in records
+        if r.record == "gap" and r.task is None and r.metric == MEAN_GAP and r.value is not None
+    ]
+    if not bars:
+        return None
+    tasks = len({r.task for r in records if r.record == "gap" and r.task is not None})
+    return Plot("robustness_gap", f"Robustness gap (mean over {tasks} adversarial task{'s' * (tasks > 1)})",
+                "model", "clean minus adversarial score", bars=bars)  # fmt: skip
+
+
+def _overlap_per_layer(records: list[Record]) -> Plot | None:
+    values: dict[str, dict[int, list[float]]] = {}
+    for r in records:
+        if r.record == "analysis" and r.metric == "subspace_overlap" and r.module is not None and r.layer is not None:
+            values.setdefault(r.model, {}).setdefault(r.layer, []).append(r.value)
+    if not values:
+        return None
+    points = {model: [(layer, sum(v) / len(v)) for layer, v in layers.items()] for model, layers in values.items()}
+    return Plot("subspace_overlap_per_layer", "Subspace overlap of ΔW with full fine-tuning's, per layer", "layer",
+                "subspace overlap (mean over the layer's modules)", series=_lines(points), ylim=(0, 1.05),
+                integer_x=True)  # fmt: skip
+
+
+def plots(records: list[Record]) -> list[Plot]:
+    """The plots the records have data for, in PLOT_NAMES order."""
+    found = (_score_vs_params(records), _score_vs_fraction(records), _robustness_gap(records),
+             _overlap_per_layer(records))  # fmt: skip
+    return [p for p in found if p is not None]
+
+
+def draw(plot: Plot) -> bytes:
+    """The plot as PNG bytes; the same records give the same bytes (no timestamp, no version in the file)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(max(6.4, 0.45 * len(plot.bars)), 4.4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if plot.bars:
+        labels, heights = zip(*plot.bars, strict=True)
+        axes.bar(range(len(heights)), heights, color=["tab:red" if h > 0 else "tab:blue" for h in heights])
+        axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
+        axes.axhline(0, color="black", linewidth=0.8)
+    for label, points in plot.series.items():
+        xs, ys = zip(*points, strict=True)
+        # models at one x (per-task experts of one method) are not a curve: markers only
+        axes.plot(xs, ys, marker="o", linestyle="-" if len(set(xs)) > 1 else "none", label=label)
+    if plot.logx:
+        axes.set_xscale("log")
+    if plot.ylim is not None:
+        axes.set_ylim(*plot.ylim)
+    if plot.integer_x:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if plot.series:
+        axes.legend(fontsize="small")
+    axes.set_title(plot.title)
+    axes.set_xlabel(plot.xlabel)
+    axes.set_ylabel(plot.ylabel)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png", metadata={"Software": None})
+    return out.getvalue()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the plots from others who read the results folder
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_plots(records: list[Record], folder: str | Path) -> list[Path]:
+    """Draw every plot the records have data for into `folder`; remove the files of those they have not."""
+    folder = Path(folder)
+    found = plots(records)
+    written = []
+    if found:
+        folder.mkdir(parents=True, exist_ok=True)
+    for plot in found:
+        _write_bytes(folder / plot.file, draw(plot))
+        written.append(folder / plot.file)
+    for name in set(PLOT_NAMES) - {p.name for p in found}:
+        (folder / f"{name}.png").unlink(missing_ok=True)
+    return written

@@ -344,8 +344,19 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
         [k for s in settings.values() for k in s.model_dump(exclude_defaults=True) if k != "batch_size"]
     )
     identities = {task: _identity(plan, selection, task) for task in selection.names}
+    taught_by = {}
+    if spec.evaluate.trained_tasks_only:
+        from pefteval_harness.tasks import trained_by
+
+        taught_by = {task: trained_by(selection.manager, task) for task in selection.names}
     for model in models:
-        for task in selection.names:
+        tasks = selection.names
+        if taught_by and model.lineage.trained_on:  # the base model is scored on every task
+            tasks = [t for t in tasks if taught_by[t] in model.lineage.trained_on]
+            if not tasks:
+                trained = ", ".join(model.lineage.trained_on)
+                raise BadInput(f"evaluate.trained_tasks_only: {model.label} is trained on {trained}, none evaluated")
+        for task in tasks:
             config = EvaluateConfig(
                 task=task,
                 task_identity=identities[task],

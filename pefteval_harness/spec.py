@@ -158,6 +158,11 @@ class EvaluateSpec(EvaluateSettings):
 
     tasks: list[str] = Field(min_length=1, description="task names, globs or groups")
     include_base: bool = True
+    trained_tasks_only: bool = Field(
+        False,
+        description="score each fine-tuned or merged model only on the tasks it was trained for, with their"
+        " adversarial and held-out variants (metadata.clean_partner / trained_by); the base on all",
+    )
     per_task: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="task name or glob -> settings that differ for those tasks"
     )

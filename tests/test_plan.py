@@ -118,3 +118,20 @@ def test_planning_refuses_what_only_expansion_reveals():
                                                                  "weights": [1, 1, 1]}}}))
     with pytest.raises(BadInput, match="evaluate.tasks: no task matches 'nope'"):
         build_plan(Spec.model_validate({**SPEC, "evaluate": {"tasks": ["nope"]}}))
+
+
+def test_trained_tasks_only_scores_a_model_on_what_it_was_trained_for():
+    spec = {**SPEC, "evaluate": {"tasks": ["pefteval_quick_*"], "limit": 4, "trained_tasks_only": True}}
+    plan = build_plan(Spec.model_validate(spec))
+    scored: dict[str, set[str]] = {}
+    for job in plan.jobs:
+        if job.kind == "evaluate":
+            scored.setdefault(job.label, set()).add(job.config.task)
+    sentiment = {"pefteval_quick_sentiment", "pefteval_quick_sentiment_adv"}  # the adversarial twin follows
+    assert scored["ex/pefteval_quick_sentiment"] == sentiment
+    assert scored["ex/pefteval_quick_topic"] == {"pefteval_quick_topic"}
+    assert scored["lora"] == scored["m"] == sentiment | {"pefteval_quick_topic"}
+    assert len(scored["base"]) == 5  # the base model on every task
+    only_arithmetic = {**spec, "evaluate": {**spec["evaluate"], "tasks": ["pefteval_quick_arithmetic"]}}
+    with pytest.raises(BadInput, match="evaluate.trained_tasks_only: fft is trained on pefteval_quick_sentiment"):
+        build_plan(Spec.model_validate(only_arithmetic))

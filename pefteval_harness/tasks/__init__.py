@@ -241,6 +241,18 @@ def task_config(manager, name: str) -> dict:
     return _describe_functions(cfg, sorted(yaml_dirs, key=lambda d: -len(str(d))))
 
 
+def trained_by(manager, name: str) -> str:
+    """The task whose training split teaches a model this task: `metadata.trained_by` (IFEval: Alpaca;
+    MNLI mismatched: MNLI), else an adversarial task's `metadata.clean_partner`'s, else the task itself."""
+    seen = [name]
+    while True:
+        metadata = task_config(manager, seen[-1]).get("metadata") or {}
+        following = metadata.get("trained_by") or metadata.get("clean_partner")
+        if not following or following in seen or following not in manager.task_index:
+            return seen[-1]
+        seen.append(following)
+
+
 def task_identity(manager, name: str) -> str:
     """A hash of the task's resolved configuration (see task_config): part of job ids.
 

@@ -48,10 +48,15 @@ def test_full_finetune_with_zero3_saves_a_whole_changed_model(trained, tiny_mode
     assert any(not torch.equal(base[k], tuned[k]) for k in base)
     result = store.result(jobs["train", "zero3"])
     assert result["trainable_params"] == result["total_params"] and result["steps"] == 4
+    # costs: 4 steps of 8 examples, no padding counted; the weights are the whole model
+    assert 0 < result["trained_tokens"] < 4 * 8 * 128 and result["tokens_per_second"] > 0
+    assert result["peak_accelerator_mb"] is None  # no GPU here
+    weights = (store.artifact(jobs["train", "zero3"]) / "model.safetensors").stat().st_size
+    assert weights < result["adapter_bytes"] < result["artifact_bytes"]
 
 
 @pytest.mark.parametrize("label, key", [("lora", "lora_B"), ("dora", "lora_magnitude_vector")])
-def test_peft_methods_save_adapters_that_load_and_were_trained(trained, label, key):
+def test_peft_methods_save_adapters_that_load_and_were_trained(trained, label, key, tiny_model_dir):
     from peft import PeftConfig
 
     store, jobs = trained
@@ -63,6 +68,7 @@ def test_peft_methods_save_adapters_that_load_and_were_trained(trained, label, k
     assert b_factors and all(b.abs().sum() > 0 for b in b_factors)  # B starts at zero: training moved it
     result = store.result(jobs["train", label])
     assert 0 < result["trainable_params"] < result["total_params"]
+    assert result["adapter_bytes"] < (tiny_model_dir / "model.safetensors").stat().st_size  # an adapter, not a model
     assert store.is_done(jobs["evaluate", label])  # lm-eval loaded base + adapter
 
 

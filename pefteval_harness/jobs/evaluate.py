@@ -2,9 +2,20 @@
 
 Each job is one (model, task). A worker given several jobs of one model loads it once (an lm-eval `HFLM`)
 and scores each task with that task's own settings; one task failing fails only its own job.
+
+Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning, cartridges) put virtual tokens in front
+of the input. lm-eval's log-likelihoods already line up with the real tokens: `HFLM` drops the extra
+leading logits a PeftModel returns (`tests/test_finetuning_methods.py` checks it against the PeftModel's
+own forward pass). Generation does not, in peft 0.21 with transformers 5: `generate()` with a KV cache,
+which lm-eval always asks for, drops the prefix of prefix tuning and cartridges (the base model's text
+comes out), and without the cache it still drifts from the forward pass after the first token. So
+`load_lm` makes prompt-learning adapters decode greedily with full forward passes, one sequence at a time,
+exactly as they were trained (slower: quadratic in the generated length; sampling is refused).
 """
 
 from __future__ import annotations
+
+import functools
 
 from pefteval_harness.jobs import load_kwargs, model_path, prefer_safetensors
 from pefteval_harness.jobs.types import Job
@@ -25,6 +36,47 @@ def lm_eval_model_args(job: Job, store: Store) -> dict:
     if model.adapter is not None:
         args["peft"] = model_path(model.adapter, store)
     return args
+
+
+def _greedy_by_forward(model, input_ids, attention_mask=None, max_length=None, pad_token_id=None, **kwargs):
+    """`generate()` for prompt-learning PeftModels: greedy, each row on its own (no padding next to the
+    virtual tokens), stopped at EOS or `max_length` (lm-eval's `max_gen_toks`); lm-eval cuts at its stop
+    strings afterwards. Returns the inputs followed by the new tokens, right-padded, as `generate()` does."""
+    import torch
+
+    from pefteval_harness.errors import BadInput
+
+    if kwargs.get("do_sample"):
+        raise BadInput("sampling (do_sample) is not supported for prompt-learning adapters: use greedy decoding")
+    eos = model.config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    masks = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    rows = []
+    for row, mask in zip(input_ids, masks, strict=True):
+        ids = row[mask.bool()].unsqueeze(0)  # lm-eval pads on the left
+        new: list[int] = []
+        while input_ids.shape[1] + len(new) < max_length:
+            with torch.no_grad():
+                token = int(model(input_ids=ids).logits[0, -1].argmax())
+            new.append(token)
+            if token in eos:
+                break
+            ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
+        rows.append(torch.cat([row, row.new_tensor(new)]))
+    width = max(len(r) for r in rows)
+    pad = pad_token_id if pad_token_id is not None else next(iter(eos))
+    return torch.stack([torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows])
+
+
+def load_lm(**model_args):
+    """lm-eval's `HFLM` for these `--model hf` arguments, with prompt-learning adapters generating right."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(**model_args)
+    config = getattr(lm.model, "active_peft_config", None)
+    if config is not None and config.is_prompt_learning:
+        lm.model.generate = functools.partial(_greedy_by_forward, lm.model)  # see the module docstring
+    return lm
 
 
 # Per-task entries of lm-eval's results dict; everything else (config, versions of packages, environment)
@@ -51,13 +103,12 @@ def evaluate_batch(jobs: list[Job], store: Store) -> dict[str, dict | BaseExcept
     model itself cannot be loaded (every job fails alike).
     """
     import torch
-    from lm_eval.models.huggingface import HFLM
 
     first = jobs[0]
     assert all(job.config.model == first.config.model for job in jobs), "a batch evaluates one model"
     device = "cuda" if first.resources.num_gpus and torch.cuda.is_available() else "cpu"
     model_args = lm_eval_model_args(first, store)
-    lm = HFLM(**model_args, device=device, batch_size=first.config.settings.batch_size)
+    lm = load_lm(**model_args, device=device, batch_size=first.config.settings.batch_size)
     manager = manager_for([job.config.task for job in jobs], first.config.include_paths)
     results: dict[str, dict | BaseException] = {}
     built: dict[str, object] = {}  # job id -> its lm-eval Task

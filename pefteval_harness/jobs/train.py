@@ -3,7 +3,9 @@
 The examples are the training splits of the job's tasks rendered by their own lm-eval configs
 (`tasks/rendering.py`); the loss covers the answer tokens only. A sequence longer than `max_length` loses
 the start of its prompt, never its answer; examples left with no answer token are dropped and counted.
-The job records its costs (trainable parameters, time, peak memory, artifact size) next to the artifact.
+The job records its costs next to the artifact (`train()`'s result): trainable and total parameters,
+optimiser steps, training time, non-padding tokens trained on and their rate, peak host and accelerator
+memory, and the size of the weights (`adapter_bytes`) and of the whole artifact folder (`artifact_bytes`).
 """
 
 from __future__ import annotations
@@ -118,12 +120,30 @@ def _directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+# What serving the fine-tune needs besides the base model and its tokenizer: the weights and their config.
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "adapter_config.json", "config.json")
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of the adapter (or, for full fine-tuning, the model): weights and config, no tokenizer."""
+    return sum(p.stat().st_size for pattern in _WEIGHT_FILES for p in path.glob(pattern) if p.is_file())
+
+
 def total_optimizer_steps(n_examples: int, settings) -> int:
     """The Trainer's own count: max_steps if set, else epochs × optimiser steps per epoch."""
     if settings.max_steps > 0:
         return settings.max_steps
     per_epoch = max(1, math.ceil(n_examples / settings.batch_size) // settings.gradient_accumulation_steps)
     return max(1, math.ceil(settings.epochs * per_epoch))
+
+
+def _share(examples: list, fraction: float, seed: int) -> list:
+    """A seeded `fraction` of one task's examples (at least one), in their original order."""
+    if fraction >= 1:
+        return examples
+    keep = max(1, round(len(examples) * fraction))
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), keep))
+    return [examples[i] for i in chosen]
 
 
 def train(job: Job, store: Store) -> dict:
@@ -141,7 +161,11 @@ def train(job: Job, store: Store) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     manager = manager_for(settings.tasks, config.include_paths)
     tasks = manager.load(settings.tasks)["tasks"]
-    examples = [ex for name in settings.tasks for ex in training_examples(tasks[name], settings.limit)]
+    examples = [
+        ex
+        for name in settings.tasks
+        for ex in _share(training_examples(tasks[name], settings.limit), settings.data_fraction, config.seed)
+    ]
     random.Random(config.seed).shuffle(examples)
     tokenized = tokenize(examples, tokenizer, settings.max_length)
     rows = tokenized.rows
@@ -161,7 +185,17 @@ def train(job: Job, store: Store) -> dict:
 
     if config.deepspeed:
         _single_process_group()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with store.staging(job.id) as out:
+        initial_adapter = None
+        if method.produces == "adapter" and method.rewrites_base(config.peft):
+            # PiSSA/OLoRA moved the base's top components into the adapter; saving the initial adapter lets
+            # peft write the trained one as a plain LoRA (rank 2r) of the original base, which lm-eval's
+            # peft= loading, the merge engine and merge_and_unload then all read correctly.
+            initial_adapter = out / "trainer" / "initial_adapter"
+            model.peft_config["default"].init_lora_weights = True  # peft's recipe: saved as a no-op LoRA init
+            model.save_pretrained(str(initial_adapter))
         args = TrainingArguments(
             output_dir=str(out / "trainer"),
             per_device_train_batch_size=settings.batch_size,
@@ -180,6 +214,7 @@ def train(job: Job, store: Store) -> dict:
             deepspeed=deepspeed_config(config.deepspeed) if config.deepspeed else None,
             disable_tqdm=True,
             remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding",  # the attention mask's ones: no padding, no virtual tokens
         )
         trainer = Trainer(
             model=model,
@@ -192,7 +227,10 @@ def train(job: Job, store: Store) -> dict:
         try:
             output = trainer.train()
             seconds = time.perf_counter() - started
-            trainer.save_model(str(out))  # the full model (ZeRO-3 gathers it), or only a peft adapter
+            if initial_adapter is not None:
+                model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial_adapter))
+            else:
+                trainer.save_model(str(out))  # the full model (ZeRO-3 gathers it), or only a peft adapter
         finally:
             # ZeRO-3 leaves a process-wide flag that changes how every later model loads.
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -201,6 +239,8 @@ def train(job: Job, store: Store) -> dict:
         tokenizer.save_pretrained(str(out))
         shutil.rmtree(out / "trainer", ignore_errors=True)
         artifact_bytes = _directory_bytes(out)
+        adapter_bytes = weights_bytes(out)
+    tokens = int(trainer.state.num_input_tokens_seen)
     return {
         "method": method.name,
         "tasks": settings.tasks,
@@ -215,5 +255,12 @@ def train(job: Job, store: Store) -> dict:
         "train_seconds": seconds,
         # ru_maxrss is KiB on Linux; each train job runs in a fresh worker process (max_calls=1).
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "artifact_bytes": artifact_bytes,
+        "trained_tokens": tokens,  # non-padding input tokens of every optimiser step's batches (all epochs)
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        # Peak memory torch allocated on the GPU during training; None without one.
+        "peak_accelerator_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        # The weights and their config (adapter_model.safetensors + adapter_config.json, or the full model's
+        # safetensors + config.json): what serving the fine-tune adds to the base and its tokenizer.
+        "adapter_bytes": adapter_bytes,
+        "artifact_bytes": artifact_bytes,  # the whole artifact folder: also the tokenizer and peft's README
     }

@@ -3,6 +3,7 @@ added with one registry entry, then used through the spec, the plan and the jobs
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -33,7 +34,7 @@ def register_entry(module, registry: dict, block: str, monkeypatch) -> object:
 
 
 @pytest.fixture
-def ia3(monkeypatch):
+def new_method(monkeypatch):
     return register_entry(finetuning, finetuning.FINETUNE_METHODS, readme_block("finetune"), monkeypatch)
 
 
@@ -42,7 +43,7 @@ def median(monkeypatch):
     return register_entry(merge_methods, merge_methods.MERGE_METHODS, readme_block("merge"), monkeypatch)
 
 
-def test_a_new_finetuning_method_trains_and_is_evaluated(ia3, tmp_path, tiny_model_dir, isolated_process_state):
+def test_a_new_finetuning_method_trains_and_is_evaluated(new_method, tmp_path, tiny_model_dir, isolated_process_state):
     from pefteval_harness.jobs import run_batch
     from pefteval_harness.plan import build_plan
     from pefteval_harness.spec import Spec
@@ -51,7 +52,7 @@ def test_a_new_finetuning_method_trains_and_is_evaluated(ia3, tmp_path, tiny_mod
         {
             "base_model": str(tiny_model_dir),
             "train": {"tasks": ["pefteval_quick_sentiment"], "max_steps": 2, "batch_size": 4},
-            "finetunes": {"mine": {"method": ia3.name}},
+            "finetunes": {"mine": {"method": new_method.name}},
             "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 4, "include_base": False},
         }
     )
@@ -61,7 +62,12 @@ def test_a_new_finetuning_method_trains_and_is_evaluated(ia3, tmp_path, tiny_mod
         outcome = run_batch([job.model_dump(mode="json")], str(tmp_path))
         assert outcome[job.id]["state"] == "done", outcome
     adapter = tmp_path / "jobs" / plan.jobs[0].id / "artifact"
-    assert '"peft_type": "IA3"' in (adapter / "adapter_config.json").read_text()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (
+        config["peft_type"] == "LORA"
+        and config["use_rslora"]
+        and sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    )
 
 
 def test_a_new_merge_method_merges_and_is_listed(median):

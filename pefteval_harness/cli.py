@@ -1,4 +1,4 @@
-"""`pefteval`: run, plan, leaderboard, tasks, methods, lm-eval, merge, tiny-model.
+"""`pefteval`: run, plan, leaderboard, tasks, data, methods, lm-eval, merge, tiny-model.
 
 Exit codes: 0 success; 2 bad input (spec, config, arguments: one line, no traceback,
 nothing written); 1 a runtime failure, after which the store is consistent and a rerun resumes.
@@ -97,6 +97,30 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """`data export`: the datasets the selected tasks read, from the hub, as PEFTEVAL_DATA_DIR files."""
+    from pefteval_harness.tasks import UnsupportedGroup, resolve_tasks
+    from pefteval_harness.tasks.data import DATA_DIR_ENV, export, task_data_specs
+
+    for folder in args.include_path:
+        if not Path(folder).is_dir():
+            raise BadInput(f"--include-path: {folder} is not a folder")
+    try:
+        selection = resolve_tasks(args.tasks, include_paths=args.include_path)
+    except KeyError as e:
+        raise BadInput(f"--tasks: no task matches {e.args[0]!r}") from None
+    except UnsupportedGroup as e:
+        raise BadInput(f"--tasks: {e}") from None
+    specs = task_data_specs(selection.manager, selection.names)
+    if not specs:
+        raise BadInput(f"--tasks: none of {', '.join(args.tasks)} loads its data through pefteval's data loader")
+    written = export(specs.values(), Path(args.out))
+    for path in written:
+        print(path)
+    print(f"{len(written)} files for {len(specs)} tasks written; set {DATA_DIR_ENV}={args.out} to use them")
+    return 0
+
+
 def cmd_methods(args) -> int:
     """Every registered fine-tuning and merge method, with its parameters and defaults."""
     from tabulate import tabulate
@@ -189,6 +213,21 @@ def parser() -> argparse.ArgumentParser:
     listing.add_argument("--family", help="only this family (its folder under task_configs/)")
     tasks_sub.add_parser("path", help="print the task folder, for lm_eval --include_path")
     tasks.set_defaults(func=cmd_tasks)
+
+    data = sub.add_parser("data", help="task datasets as local files (the PEFTEVAL_DATA_DIR layout)")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    exporting = data_sub.add_parser(
+        "export", help="write <key>/<split>.jsonl for the datasets the tasks read, loaded from the hub"
+    )
+    exporting.add_argument("--out", required=True, help="folder to write (PEFTEVAL_DATA_DIR's layout)")
+    exporting.add_argument(
+        "--tasks", nargs="+", default=["pefteval_*"], metavar="PATTERN",
+        help="task names, globs or groups (default: every pefteval task)",
+    )
+    exporting.add_argument(
+        "--include-path", action="append", default=[], metavar="DIR", help="another lm-eval task folder"
+    )
+    data.set_defaults(func=cmd_data)
 
     methods = sub.add_parser("methods", help="list the fine-tuning and merge methods with their parameters")
     methods.add_argument("kind", nargs="?", choices=["finetune", "merge"], help="only this kind")

@@ -135,10 +135,12 @@ def cmd_methods(args) -> int:
             params = ", ".join(f"{k}={v}" for k, v in d["defaults"].items()) or "-"
             if d["peft_config"]:
                 params += f" (any peft {d['peft_config']} field)"
-            rows.append([d["name"], d["produces"], d["adapter_family"] or "-", params, d["description"]])
+            kind = "virtual tokens" if d["prompt_learning"] else "weights"
+            merges = "-" if d["produces"] == "model" else "yes" if d["mergeable"] else "no"
+            rows.append([d["name"], d["produces"], kind, merges, d["adapter_family"] or "-", params, d["description"]])
         print("Fine-tuning methods (finetunes.<name>.method; parameters go under config:)\n")
-        print(tabulate(rows, headers=["method", "produces", "adapter family", "parameters", "description"],
-                       tablefmt="github"))
+        headers = ["method", "produces", "trains", "merges into base", "adapter family", "parameters", "description"]
+        print(tabulate(rows, headers=headers, tablefmt="github"))
     if args.kind in (None, "merge"):
         rows = []
         for d in describe_methods():

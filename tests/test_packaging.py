@@ -36,7 +36,7 @@ def test_wheel_ships_every_module_and_task_file(tmp_path):
     task_files = {
         "pefteval_harness/task_configs/" + str(p.relative_to(REPO / "task_configs"))
         for p in (REPO / "task_configs").rglob("*")
-        if p.suffix in (".yaml", ".py") and "__pycache__" not in p.parts
+        if (p.suffix in (".yaml", ".py") or p.name.endswith("_yaml")) and "__pycache__" not in p.parts
     }
     assert task_files <= names, f"task files missing from the wheel: {task_files - names}"
 

@@ -350,9 +350,15 @@ def test_lm_eval_cli_finds_the_plugin_tasks(tmp_path, tiny_model_dir, via):
         [*PEFTEVAL, "leaderboard", str(tmp_path), "--format", "json"], capture_output=True, text=True
     )
     rows = json.loads(board.stdout)
-    assert sorted(r["task"] for r in rows) == QUICK
+    scores = [r for r in rows if r["record"] == "score"]
+    assert sorted(r["task"] for r in scores) == QUICK
     assert all(r["method"] == "lm-eval" and str(tiny_model_dir) in r["model"] for r in rows)
-    assert all(isinstance(r["value"], float) for r in rows)
+    assert all(isinstance(r["value"], float) for r in scores)
+    # the adversarial twin is paired with its clean task: a robustness gap per task, and their mean
+    assert {(r["task"], r["metric"]) for r in rows if r["record"] == "gap"} == {
+        ("pefteval_quick_sentiment_adv", "acc"),
+        (None, "mean"),
+    }
 
 
 def test_pefteval_lm_eval_refuses_a_second_include_path(tmp_path):

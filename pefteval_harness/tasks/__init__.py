@@ -257,10 +257,16 @@ def task_identity(manager, name: str) -> str:
     """A hash of the task's resolved configuration (see task_config): part of job ids.
 
     It changes with the task's YAML, its included files, the source of its `!function` modules and of
-    the pefteval modules they import (metrics, answer parsing, data loading; not other packages); not
-    with a sibling task's YAML, nor with where the folder lives.
+    the pefteval modules they import (metrics, answer parsing, data loading; not other packages), and
+    with the data a catalogue task reads (`PEFTEVAL_DATA_DIR`'s files, or the hub dataset it names: see
+    `data.source_identity`); not with a sibling task's YAML, nor with where the folder lives.
     """
-    text = json.dumps(task_config(manager, name), sort_keys=True, default=str)
+    from pefteval_harness.tasks.data import DataSpec, source_identity
+
+    config = task_config(manager, name)
+    kwargs = config.get("dataset_kwargs")
+    data = source_identity(DataSpec.from_kwargs(kwargs)) if isinstance(kwargs, dict) and "data_key" in kwargs else None
+    text = json.dumps({"config": config, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -69,6 +69,25 @@ def test_a_missing_file_is_one_line_naming_the_path_and_the_key(tmp_path, monkey
     assert "'toy'" in message and DATA_DIR_ENV in message
 
 
+def test_a_missing_optional_training_split_is_empty_until_training_needs_it(tmp_path, monkeypatch):
+    """A sample holding only evaluation records still evaluates (zero-shot); training on it is refused
+    with the missing path, and a missing evaluation split always is."""
+    from pefteval_harness.tasks.rendering import training_examples
+
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    kwargs = {"data_key": "sst2", "hf_path": "nyu-mll/glue", "splits": ["train", "validation"]}
+    _write_jsonl(tmp_path / "sst2" / "validation.jsonl", [{"sentence": "good ", "label": 1, "idx": 0}])
+    with pytest.raises(BadInput, match="sst2/train.jsonl: no such file"):
+        load(**kwargs)
+    assert len(load(**kwargs, optional_splits=["train"])["train"]) == 0
+    task = task_manager().load(["pefteval_peft_sst2"])["tasks"]["pefteval_peft_sst2"]  # optional train split
+    assert len(task.test_docs() if task.has_test_docs() else task.validation_docs()) == 1
+    with pytest.raises(BadInput, match=f"^{tmp_path / 'sst2' / 'train.jsonl'}: no such file"):
+        training_examples(task)
+    with pytest.raises(BadInput, match="optional_splits"):
+        load(**kwargs, optional_splits=["test"])
+
+
 @pytest.mark.parametrize(
     "kwargs, expected",
     [

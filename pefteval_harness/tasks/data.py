@@ -9,9 +9,14 @@ re-exports `load`), with the parameters in `dataset_kwargs`:
       hf_name: null                     # its config name
       splits: {dev_r1: dev, test_r1: test}   # HF split -> local file stem; a list when the names agree
       holdout: {split: train, into: heldout, fraction: 0.02, fields: [instruction]}   # optional
+      optional_splits: [train]          # offline, a missing file is an empty split (see below)
 
 With PEFTEVAL_DATA_DIR set, split `s` is read from `$PEFTEVAL_DATA_DIR/<data_key>/<splits[s]>.jsonl`
 (records in the HF schema); otherwise the HF dataset is loaded and only the named splits are kept.
+A missing file is an error naming its path, except for `optional_splits`: a task's training split,
+which only training and few-shot examples use, may be absent from a sample that holds only the
+evaluation records; it is then empty (lm-eval builds its few-shot pool from it at zero shots too) and
+training on it fails with the missing path (`missing_file`).
 Either way the result is a DatasetDict keyed by the HF split names, so a task's YAML never changes
 between a connected cluster and an offline machine.
 
@@ -59,6 +64,7 @@ class DataSpec:
     splits: dict[str, str]  # HF split name -> local file stem
     holdout: Holdout | None = None
     hf_revision: str | None = None
+    optional: tuple[str, ...] = ()  # splits that may be missing offline (empty instead)
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> DataSpec:
@@ -86,6 +92,7 @@ class DataSpec:
             splits=splits,
             holdout=_holdout(kwargs.get("holdout"), splits, where),
             hf_revision=kwargs.get("hf_revision"),
+            optional=_optional(kwargs.get("optional_splits"), splits, where),
         )
 
     def local_file(self, root: Path, split: str) -> Path:
@@ -95,6 +102,13 @@ class DataSpec:
 def _is_relative(name: str) -> bool:
     parts = PurePosixPath(name).parts
     return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\\" not in name
+
+
+def _optional(raw: Any, splits: dict[str, str], where: str) -> tuple[str, ...]:
+    names = tuple(raw or ())
+    if not all(isinstance(n, str) and n in splits for n in names):
+        raise BadInput(f"{where}: optional_splits: {raw!r} must name listed splits")
+    return names
 
 
 def _holdout(raw: Any, splits: dict[str, str], where: str) -> Holdout | None:
@@ -140,13 +154,26 @@ def load_local(spec: DataSpec, root: Path) -> datasets.DatasetDict:
     out = {}
     for split in spec.splits:
         path = spec.local_file(root, split)
-        if not path.is_file():
-            raise BadInput(
-                f"{path}: no such file: split {split!r} of data key {spec.key!r} ({spec.hf_path}) is read"
-                f" from there because {DATA_DIR_ENV} is set (`pefteval data export` writes it)"
-            )
-        out[split] = datasets.Dataset.from_list(_read_jsonl(path))
+        if path.is_file():
+            out[split] = datasets.Dataset.from_list(_read_jsonl(path))
+            continue
+        message = (
+            f"{path}: no such file: split {split!r} of data key {spec.key!r} ({spec.hf_path}) is read"
+            f" from there because {DATA_DIR_ENV} is set (`pefteval data export` writes it)"
+        )
+        if split not in spec.optional:
+            raise BadInput(message)
+        out[split] = datasets.Dataset.from_list([], info=datasets.DatasetInfo(description=_MISSING + message))
     return datasets.DatasetDict(out)
+
+
+_MISSING = "pefteval missing file: "
+
+
+def missing_file(split: datasets.Dataset) -> str | None:
+    """Why an optional split is empty: the message naming the file it would have been read from."""
+    description = getattr(getattr(split, "info", None), "description", None) or ""
+    return description.removeprefix(_MISSING) if description.startswith(_MISSING) else None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -239,8 +266,9 @@ def merge_specs(specs: Iterable[DataSpec]) -> list[DataSpec]:
             )
         for split, stem in spec.splits.items():
             if seen.splits.setdefault(split, stem) != stem:
-                raise BadInput(f"data key {spec.key!r}: split {split!r} is stored as both {seen.splits[split]!r}"
-                               f" and {stem!r}")
+                raise BadInput(
+                    f"data key {spec.key!r}: split {split!r} is stored as both {seen.splits[split]!r} and {stem!r}"
+                )
     return list(merged.values())
 
 

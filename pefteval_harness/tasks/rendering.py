@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pefteval_harness.errors import BadInput
+from pefteval_harness.tasks.data import missing_file
+
 
 @dataclass(frozen=True)
 class Example:
@@ -51,8 +54,12 @@ def training_examples(task, limit: int | None = None) -> list[Example]:
     until = (task.config.generation_kwargs or {}).get("until") or [""]
     until = [until] if isinstance(until, str) else until
     end = until[0] if task.OUTPUT_TYPE == "generate_until" else ""
+    docs = task.training_docs()
+    missing = missing_file(task.dataset[task.config.training_split]) if task.dataset is not None else None
+    if missing:  # an optional split absent from PEFTEVAL_DATA_DIR: training needs it
+        raise BadInput(missing)
     examples = []
-    for i, doc in enumerate(task.training_docs()):
+    for i, doc in enumerate(docs):
         if limit is not None and i >= limit:
             break
         examples.append(Example(_prompt(task, doc), task.config.target_delimiter + gold_target(task, doc) + end))

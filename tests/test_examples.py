@@ -1,0 +1,67 @@
+"""The shipped studies plan as written: the small PEFT-vs-FFT example and the GPU-cluster experiment
+(its hub base model stood in for by a local HF cache entry, since nothing is downloaded here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+
+import yaml
+
+from pefteval_harness.finetuning import FINETUNE_METHODS
+from tests.conftest import PEFTEVAL, REPO
+
+
+def plan(spec: str, **env: str) -> str:
+    out = subprocess.run(
+        [*PEFTEVAL, "plan", str(REPO / spec)], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def rows(described: str) -> list[list[str]]:
+    """The plan table's rows: job id, kind, model, task, after, resources."""
+    lines = [line for line in described.splitlines() if line.startswith("| ") and not line.startswith("| job id")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_the_small_example_compares_every_method_on_every_family():
+    spec = yaml.safe_load((REPO / "examples/peft_vs_fft_small.yaml").read_text())
+    assert {finetune["method"] for finetune in spec["finetunes"].values()} == set(FINETUNE_METHODS)
+    table = rows(plan("examples/peft_vs_fft_small.yaml"))
+    kinds = Counter(row[1] for row in table)
+    trained = {row[2] for row in table if row[1] == "train"}
+    assert {label.split("[")[0] for label in trained} == set(spec["finetunes"])
+    assert {"lora[r=1]", "lora[r=16]", "prompt_tuning[num_virtual_tokens=4]", "fft[data_fraction=0.25]"} <= trained
+    assert kinds["analyze"] == kinds["train"]  # every fine-tune's weight update
+    tasks = {row[3] for row in table if row[1] == "evaluate"}
+    assert {"pefteval_peft_sst2", "pefteval_peft_e2e_nlg", "pefteval_peft_gsm8k", "pefteval_peft_ifeval"} <= tasks
+    assert any(t.startswith("pefteval_adv_") for t in tasks)
+    assert kinds["evaluate"] == (len(trained) + 1) * len(tasks)  # every model, base included, on every task
+
+
+def test_the_cluster_experiment_plans_offline_from_a_cached_base(tmp_path):
+    revision = "1" * 40
+    cache = tmp_path / "hub" / "models--meta-llama--Llama-3.1-8B"
+    (cache / "snapshots" / revision).mkdir(parents=True)
+    (cache / "snapshots" / revision / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(revision)
+    table = rows(plan("experiments/peft_vs_fft.yaml", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1"))
+    kinds = Counter(row[1] for row in table)
+    assert kinds["train"] == 14 * (1 + 4 + 2 + 11 + 3 + 2)  # 14 training tasks x models per task
+    assert kinds["analyze"] == kinds["train"]
+    evaluated = {}
+    for row in table:
+        if row[1] == "evaluate":
+            evaluated.setdefault(row[2], set()).add(row[3])
+    assert len(evaluated["base"]) == 27  # the base on every task of both suites
+    assert evaluated["fft/pefteval_peft_alpaca"] == {"pefteval_peft_alpaca", "pefteval_peft_ifeval"}
+    assert evaluated["lora[r=16]/pefteval_peft_mnli"] == {
+        "pefteval_peft_mnli", "pefteval_peft_mnli_mismatched", "pefteval_adv_mnli", "pefteval_adv_mnli_mismatched",
+        "pefteval_adv_anli_r1", "pefteval_adv_anli_r2", "pefteval_adv_anli_r3", "pefteval_adv_hans",
+    }  # fmt: skip
+    assert all("1 GPU" in row[5] for row in table if row[1] in ("train", "evaluate"))

@@ -56,7 +56,8 @@ def cmd_run(args) -> int:
     if pending:
         log.info("%d of %d jobs to run, results in %s", len(pending), len(plan.jobs), output)
         runner.init_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
-        summary = runner.execute(plan, store, max_retries=spec.resources.max_retries)
+        resources = spec.resources
+        summary = runner.execute(plan, store, resources.max_retries, resources.tasks_per_worker)
     print(write_reports(output))
     print(
         f"{len(summary.ran)} jobs ran, {len(summary.skipped)} already done, {len(summary.failed)} failed;"

@@ -3,7 +3,7 @@
 - A job whose result is in the store is never run again; a job another live run holds (its claim in
   the store) is waited for, not run twice.
 - Ready evaluation jobs of one model (same model, batch size and resources) go to one worker, which
-  loads the model once (up to `EVALUATIONS_PER_WORKER` tasks each); each job is recorded on its own.
+  loads the model once (up to `tasks_per_worker` tasks each); each job is recorded on its own.
 - A failed job is retried up to `max_retries` times unless its failure is deterministic (bad input);
   then it is recorded as failed with its reason and class, and every job downstream of it as failed
   because of it. Ray itself retries a worker that dies (`max_retries` on the task).
@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 # authentication (on by default in Ray 2.60) is pointless for a Ray only this process uses.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 POLL_SECONDS = 2.0  # how often the driver looks at jobs another run is doing
-# A model's ready evaluations share a worker (one model load) in groups of at most this many tasks, so
-# that a grid of many tasks still spreads over a cluster's workers.
-EVALUATIONS_PER_WORKER = 8
 
 
 @dataclass
@@ -112,8 +109,11 @@ class _Heartbeat:
             self.store.release(job_id, self.owner)
 
 
-def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
-    """Run the plan's pending jobs on the connected Ray cluster; return what ran, was skipped and failed."""
+def execute(plan: Plan, store: Store, max_retries: int = 1, tasks_per_worker: int = 24) -> RunSummary:
+    """Run the plan's pending jobs on the connected Ray cluster; return what ran, was skipped and failed.
+
+    A model's ready evaluations share a worker (one process start and model load) in groups of at most
+    `tasks_per_worker` tasks: fewer spreads one model's tasks over more workers, more saves start-ups."""
     import ray
 
     from pefteval_harness.jobs import run_batch
@@ -192,8 +192,8 @@ def execute(plan: Plan, store: Store, max_retries: int = 1) -> RunSummary:
                 key = _batch_key(job)
                 batches.setdefault(key or job.id, []).append(job)
             for batch in batches.values():
-                for start in range(0, len(batch), EVALUATIONS_PER_WORKER):
-                    submit(batch[start : start + EVALUATIONS_PER_WORKER])
+                for start in range(0, len(batch), tasks_per_worker):
+                    submit(batch[start : start + tasks_per_worker])
             if not in_flight and not elsewhere:
                 break
             if not in_flight:  # only jobs of another run left: look again in a moment

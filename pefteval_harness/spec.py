@@ -201,6 +201,9 @@ class ResourcesSpec(_Frozen):
     evaluate: Resources = Resources()
     analyze: Resources = Resources()
     max_retries: int = Field(1, ge=0, description="retries of a failed job before it is recorded as failed")
+    tasks_per_worker: int = Field(
+        24, ge=1, description="a model's evaluations one worker runs on one model load (fewer: more spread)"
+    )
 
 
 class Spec(_Frozen):

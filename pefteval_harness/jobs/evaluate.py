@@ -102,8 +102,14 @@ def evaluate_batch(jobs: list[Job], store: Store) -> dict[str, dict | BaseExcept
     the results are split per task; if that call fails, its tasks are scored one by one. Raises if the
     model itself cannot be loaded (every job fails alike).
     """
+    import os
+
     import torch
 
+    # lm-eval bootstraps the stderr of MCC, F1, BLEU... in a multiprocessing pool forked from this worker,
+    # whose threads (Ray's, torch's) can hold locks at the fork: the children then hang for good. A job
+    # has its own CPUs anyway: bootstrap in this process (lm-eval's switch; its resamples are seeded).
+    os.environ["DISABLE_MULTIPROC"] = "1"
     first = jobs[0]
     assert all(job.config.model == first.config.model for job in jobs), "a batch evaluates one model"
     device = "cuda" if first.resources.num_gpus and torch.cuda.is_available() else "cpu"

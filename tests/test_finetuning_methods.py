@@ -19,12 +19,10 @@ from pefteval_harness.finetuning import FINETUNE_METHODS
 
 ADAPTERS = [name for name, m in FINETUNE_METHODS.items() if m.produces == "adapter"]
 PROMPT_LEARNING = [name for name in ADAPTERS if FINETUNE_METHODS[name].prompt_learning]
-# LoRA's documented options, each a variant of the `lora` entry: rsLoRA and the initialisations pefteval runs.
+# LoRA initialisations that rewrite the base weights: their adapters are saved converted (tested below).
 LORA_OPTIONS = {
-    "lora+rslora": {"use_rslora": True},
     "lora+pissa": {"init_lora_weights": "pissa_niter_2"},  # fast SVD: random, so only the conversion reloads it
     "lora+olora": {"init_lora_weights": "olora"},
-    "lora+mica": {"init_lora_weights": "mica"},
 }
 # (context, continuation) pairs scored with lm-eval's loglikelihood, of different lengths (one padded batch).
 REQUESTS = [
@@ -77,6 +75,12 @@ def test_bad_method_configs_are_one_line_and_exit_2_at_spec_load(tmp_path, capsy
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("pefteval: error: ") and f"{spec.name}: " in err, err
     assert message in err, err
+
+
+def test_lora_options_resolve():
+    lora = FINETUNE_METHODS["lora"]
+    for options in ({"use_rslora": True}, {"init_lora_weights": "mica"}, {"init_lora_weights": "orthogonal"}):
+        assert lora.resolve_params(options) == {**lora.defaults, **options}
 
 
 def test_every_method_resolves_its_defaults_and_says_what_it_is():
@@ -197,7 +201,7 @@ def _peft_lm(tiny_model_dir, adapter):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ADAPTERS + list(LORA_OPTIONS))
+@pytest.mark.parametrize("case", ADAPTERS)  # LoRA's options: checked at spec load, PiSSA/OLoRA below
 def test_method_trains_saves_a_peft_adapter_that_lm_eval_scores(case, trainer, base_scores, tiny_model_dir):
     from lm_eval.api.instance import Instance
     from peft import PeftConfig

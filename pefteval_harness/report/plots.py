@@ -19,6 +19,7 @@ The plots, each written only when its data exist:
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -134,11 +135,15 @@ def plots(records: list[Record]) -> list[Plot]:
 
 def draw(plot: Plot) -> bytes:
     """The plot as PNG bytes; the same records give the same bytes (no timestamp, no version in the file)."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    figure = Figure(figsize=(max(6.4, 0.45 * len(plot.bars)), 4.4), dpi=100)
+    # A study has dozens of methods: the legend goes beside the axes, in columns of at most 20 entries,
+    # and series are told apart by colour (20 of them) and then by marker.
+    columns = math.ceil(len(plot.series) / 20)
+    figure = Figure(figsize=(max(6.4, 0.45 * len(plot.bars)) + 2.4 * columns, 4.4), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     if plot.bars:
@@ -146,10 +151,12 @@ def draw(plot: Plot) -> bytes:
         axes.bar(range(len(heights)), heights, color=["tab:red" if h > 0 else "tab:blue" for h in heights])
         axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize="small")
         axes.axhline(0, color="black", linewidth=0.8)
-    for label, points in plot.series.items():
+    palette = colormaps["tab20"]
+    for i, (label, points) in enumerate(plot.series.items()):
         xs, ys = zip(*points, strict=True)
         # models at one x (per-task experts of one method) are not a curve: markers only
-        axes.plot(xs, ys, marker="o", linestyle="-" if len(set(xs)) > 1 else "none", label=label)
+        style = {"color": palette(i % 20), "marker": "os^Dv"[i // 20 % 5]}
+        axes.plot(xs, ys, linestyle="-" if len(set(xs)) > 1 else "none", label=label, **style)
     if plot.logx:
         axes.set_xscale("log")
     if plot.ylim is not None:
@@ -157,7 +164,7 @@ def draw(plot: Plot) -> bytes:
     if plot.integer_x:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if plot.series:
-        axes.legend(fontsize="small")
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=columns, frameon=False)
     axes.set_title(plot.title)
     axes.set_xlabel(plot.xlabel)
     axes.set_ylabel(plot.ylabel)

@@ -55,6 +55,7 @@ class Plan:
     # Shared by every task lookup of this plan: lm-eval's indexes (built-ins take seconds) and task identities.
     task_managers: dict[bool, Any] = field(default_factory=dict, repr=False)
     task_identities: dict[str, str] = field(default_factory=dict, repr=False)
+    data_checked: set[tuple[str, bool]] = field(default_factory=set, repr=False)  # (task, for training)
 
     def __post_init__(self) -> None:
         self.spec_hash = self.spec.fingerprint()
@@ -192,6 +193,20 @@ def _tasks(patterns: list[str], where: str, spec: Spec, plan: Plan):
         raise BadInput(f"{where}: {e}") from None
 
 
+def _check_data(plan: Plan, selection, tasks: list[str], where: str, training: bool) -> None:
+    """With PEFTEVAL_DATA_DIR set, every file these tasks will read must be there: bad input now, not a
+    failed job later."""
+    from pefteval_harness.tasks.data import check_local_files, task_data_specs
+
+    unchecked = [task for task in tasks if (task, training) not in plan.data_checked]
+    plan.data_checked.update((task, training) for task in unchecked)
+    for task, data in task_data_specs(selection.manager, unchecked).items():
+        try:
+            check_local_files(data, training)
+        except BadInput as e:
+            raise BadInput(f"{where}: {task}: {e}") from None
+
+
 def _identity(plan: Plan, selection, task: str) -> str:
     """A task's identity, computed once per plan (it reads the task's YAML files and hook modules)."""
     from pefteval_harness.tasks import task_identity
@@ -223,6 +238,7 @@ def _train_point(spec, plan, name, point, base, base_deps, models) -> list[Job]:
         config = selection.manager.task_index[task].cfg
         if config is not None and not config.get("training_split"):
             raise BadInput(f"{where}: task {task!r} has no training split")
+    _check_data(plan, selection, selection.names, where, training=True)
     deepspeed = ft.deepspeed or (DeepSpeedSettings() if method.produces == "model" else None)
     jobs = []
     for tasks in [[t] for t in selection.names] if ft.per_task else [selection.names]:
@@ -343,6 +359,7 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
     check_evaluate_arguments(
         [k for s in settings.values() for k in s.model_dump(exclude_defaults=True) if k != "batch_size"]
     )
+    _check_data(plan, selection, selection.names, "evaluate.tasks", training=False)
     identities = {task: _identity(plan, selection, task) for task in selection.names}
     taught_by = {}
     if spec.evaluate.trained_tasks_only:

@@ -227,3 +227,21 @@ def test_the_source_identity_follows_the_records_read(tmp_path, monkeypatch):
     assert first.startswith("local:") and source_identity(spec) == first
     _write_jsonl(tmp_path / "toy" / "train.jsonl", TRAIN[:-1])
     assert source_identity(spec) != first
+
+
+def test_a_run_whose_data_dir_lacks_a_tasks_files_stops_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "data"))
+    _write_jsonl(tmp_path / "data" / "sst2" / "validation.jsonl", [{"sentence": "good ", "label": 1, "idx": 0}])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "base_model: tiny\ntrain: {tasks: [pefteval_peft_sst2]}\nfinetunes: {lora: {method: lora}}\n"
+        "evaluate: {tasks: [pefteval_peft_sst2]}\n"
+    )
+    code = main(["run", str(spec), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"train.tasks: pefteval_peft_sst2: {tmp_path / 'data' / 'sst2' / 'train.jsonl'}: no such file" in err
+    assert not (tmp_path / "out").exists()
+    spec.write_text("base_model: tiny\nevaluate: {tasks: [pefteval_peft_rte]}\n")  # evaluation only
+    assert main(["plan", str(spec)]) == 2
+    assert "evaluate.tasks: pefteval_peft_rte: " in capsys.readouterr().err

@@ -150,6 +150,26 @@ def load_source(spec: DataSpec, root: Path | None = None) -> datasets.DatasetDic
     return load_local(spec, root) if root is not None else load_online(spec)
 
 
+def _missing_message(spec: DataSpec, path: Path, split: str) -> str:
+    return (
+        f"{path}: no such file: split {split!r} of data key {spec.key!r} ({spec.hf_path}) is read"
+        f" from there because {DATA_DIR_ENV} is set (`pefteval data export` writes it)"
+    )
+
+
+def check_local_files(spec: DataSpec, training: bool, root: Path | None = None) -> None:
+    """BadInput naming the first file a task needs and PEFTEVAL_DATA_DIR lacks (nothing when unset): its
+    evaluation splits, and for `training` its optional (training) splits too. Planning asks, so a run
+    stops before anything runs."""
+    root = root if root is not None else data_dir()
+    if root is None:
+        return
+    for split in spec.splits:
+        path = spec.local_file(root, split)
+        if (training or split not in spec.optional) and not path.is_file():
+            raise BadInput(_missing_message(spec, path, split))
+
+
 def load_local(spec: DataSpec, root: Path) -> datasets.DatasetDict:
     out = {}
     for split in spec.splits:
@@ -157,10 +177,7 @@ def load_local(spec: DataSpec, root: Path) -> datasets.DatasetDict:
         if path.is_file():
             out[split] = datasets.Dataset.from_list(_read_jsonl(path))
             continue
-        message = (
-            f"{path}: no such file: split {split!r} of data key {spec.key!r} ({spec.hf_path}) is read"
-            f" from there because {DATA_DIR_ENV} is set (`pefteval data export` writes it)"
-        )
+        message = _missing_message(spec, path, split)
         if split not in spec.optional:
             raise BadInput(message)
         out[split] = datasets.Dataset.from_list([], info=datasets.DatasetInfo(description=_MISSING + message))

@@ -78,7 +78,10 @@ def _with_value(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else json.dumps(value) if not isinstance(value, str) else value
+    """A swept value as a label shows it: 0.001, 4, lora, [1, 2]."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def sweep_points(name: str, item: Any) -> list[SweepPoint]:

@@ -259,6 +259,21 @@ IFEVAL_CASES = [
     ),
 ]
 
+def _run_script(script: str, stdin: object, env: dict) -> subprocess.CompletedProcess:
+    """A Python script in a fresh process (this environment's nltk state untouched), fed JSON on stdin."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(stdin),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 _IFEVAL_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
@@ -317,16 +332,7 @@ def offline_ifeval(tmp_path_factory) -> dict:
     cases = [[doc, response] for doc, response, _, _ in IFEVAL_CASES] + real_cases
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env["NLTK_DATA"] = str(nltk_data)
-    done = subprocess.run(
-        [sys.executable, "-c", _IFEVAL_SCRIPT],
-        input=json.dumps({"cases": cases, "hand": len(IFEVAL_CASES)}),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_script(_IFEVAL_SCRIPT, {"cases": cases, "hand": len(IFEVAL_CASES)}, env)
     out = json.loads(done.stdout)
     out["stderr"] = done.stderr
     out["nltk_data_files"] = list(nltk_data.iterdir())
@@ -427,16 +433,7 @@ def test_ifeval_uses_an_installed_punkt_model_unchanged(tmp_path):
     (english / "abbrev_types.txt").write_text("dr\n")
     doc = _ifeval_doc(7, [("length_constraints:number_sentences", {"num_sentences": 3, "relation": "less than"})])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NLTK_DATA": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", _INSTALLED_MODEL_SCRIPT],
-        input=json.dumps(doc),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_script(_INSTALLED_MODEL_SCRIPT, doc, env)
     out = json.loads(done.stdout)
     assert out["unchanged"]  # lm-eval's checker reaches nltk itself, not the stand-in
     assert out["scores"]["inst_level_strict_acc"] == [True]

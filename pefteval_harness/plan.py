@@ -55,6 +55,7 @@ class Plan:
     # Shared by every task lookup of this plan: lm-eval's indexes (built-ins take seconds) and task identities.
     task_managers: dict[bool, Any] = field(default_factory=dict, repr=False)
     task_identities: dict[str, str] = field(default_factory=dict, repr=False)
+    task_configs: dict[str, dict] = field(default_factory=dict, repr=False)  # resolved YAML: read once
     data_checked: set[tuple[str, bool]] = field(default_factory=set, repr=False)  # (task, for training)
 
     def __post_init__(self) -> None:
@@ -196,23 +197,35 @@ def _tasks(patterns: list[str], where: str, spec: Spec, plan: Plan):
 def _check_data(plan: Plan, selection, tasks: list[str], where: str, training: bool) -> None:
     """With PEFTEVAL_DATA_DIR set, every file these tasks will read must be there: bad input now, not a
     failed job later."""
-    from pefteval_harness.tasks.data import check_local_files, task_data_specs
+    from pefteval_harness.tasks.data import check_local_files, data_spec
 
-    unchecked = [task for task in tasks if (task, training) not in plan.data_checked]
-    plan.data_checked.update((task, training) for task in unchecked)
-    for task, data in task_data_specs(selection.manager, unchecked).items():
+    for task in tasks:
+        if (task, training) in plan.data_checked:
+            continue
+        plan.data_checked.add((task, training))
         try:
-            check_local_files(data, training)
+            data = data_spec(_config(plan, selection, task))
+            if data is not None:
+                check_local_files(data, training)
         except BadInput as e:
             raise BadInput(f"{where}: {task}: {e}") from None
 
 
+def _config(plan: Plan, selection, task: str) -> dict:
+    """A task's resolved configuration, read once per plan (its YAML files and hook modules)."""
+    from pefteval_harness.tasks import task_config
+
+    if task not in plan.task_configs:
+        plan.task_configs[task] = task_config(selection.manager, task)
+    return plan.task_configs[task]
+
+
 def _identity(plan: Plan, selection, task: str) -> str:
-    """A task's identity, computed once per plan (it reads the task's YAML files and hook modules)."""
+    """A task's identity, computed once per plan."""
     from pefteval_harness.tasks import task_identity
 
     if task not in plan.task_identities:
-        plan.task_identities[task] = task_identity(selection.manager, task)
+        plan.task_identities[task] = task_identity(selection.manager, task, _config(plan, selection, task))
     return plan.task_identities[task]
 
 

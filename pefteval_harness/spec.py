@@ -258,7 +258,7 @@ class Spec(_Frozen):
                     where, msg = error_message(e)
                     shown = f" (sweep point {point.label})" if point.sweep_of else ""
                     raise at(f"finetunes.{name}.train.{where}", msg + shown) from None
-        known = self.expert_names()
+        known = {p.label: p.item for named in points.values() for p in named}  # what merges may name
         for name, merge in self.merges.items():
             if name in known or name in self.finetunes or name == BASE_LABEL:
                 raise at(f"merges.{name}", "the name is already used by a fine-tune or the base")
@@ -269,7 +269,7 @@ class Spec(_Frozen):
                     else:
                         hint = f"known: {', '.join(known) or 'none'}"
                     raise at(f"merges.{name}.experts[{i}]", f"unknown fine-tune {expert!r} ({hint})")
-            self._check_mergeable(name, merge)
+            self._check_mergeable(name, merge, known)
         if self.analysis and self.analysis.reference is not None:
             from pefteval_harness.finetuning import get_method
 
@@ -287,16 +287,12 @@ class Spec(_Frozen):
     def merge_points(self) -> dict[str, list[SweepPoint]]:
         return {name: sweep_points(name, merge) for name, merge in self.merges.items()}
 
-    def expert_names(self) -> dict[str, FinetuneSpec]:
-        """What merges and the analysis may name: unswept fine-tunes by name, sweep points by label."""
-        return {p.label: p.item for points in self.finetune_points().values() for p in points}
-
-    def _check_mergeable(self, name: str, merge: MergeSpec) -> None:
-        """The merge engine's own rules, asked of what the experts' methods will produce."""
+    def _check_mergeable(self, name: str, merge: MergeSpec, finetunes: dict[str, FinetuneSpec]) -> None:
+        """The merge engine's own rules, asked of what the experts' methods will produce (`finetunes`: the
+        fine-tunes and sweep points merges may name, by label)."""
         from pefteval_harness.finetuning import get_method
         from pefteval_harness.merging import ADAPTER_FAMILIES, check_adapters
 
-        finetunes = self.expert_names()
         methods = {expert: get_method(finetunes[expert].method) for expert in merge.experts}
         produced = sorted({m.produces for m in methods.values()})
         if len(produced) > 1:

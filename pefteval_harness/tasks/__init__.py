@@ -253,19 +253,20 @@ def trained_by(manager, name: str) -> str:
         seen.append(following)
 
 
-def task_identity(manager, name: str) -> str:
+def task_identity(manager, name: str, config: dict | None = None) -> str:
     """A hash of the task's resolved configuration (see task_config): part of job ids.
 
     It changes with the task's YAML, its included files, the source of its `!function` modules and of
     the pefteval modules they import (metrics, answer parsing, data loading; not other packages), and
     with the data a catalogue task reads (`PEFTEVAL_DATA_DIR`'s files, or the hub dataset it names: see
-    `data.source_identity`); not with a sibling task's YAML, nor with where the folder lives.
+    `data.source_identity`); not with a sibling task's YAML, nor with where the folder lives. `config`:
+    its `task_config`, when the caller has it already.
     """
-    from pefteval_harness.tasks.data import DataSpec, source_identity
+    from pefteval_harness.tasks.data import data_spec, source_identity
 
-    config = task_config(manager, name)
-    kwargs = config.get("dataset_kwargs")
-    data = source_identity(DataSpec.from_kwargs(kwargs)) if isinstance(kwargs, dict) and "data_key" in kwargs else None
+    config = task_config(manager, name) if config is None else config
+    spec = data_spec(config)
+    data = source_identity(spec) if spec is not None else None
     text = json.dumps({"config": config, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -259,13 +259,19 @@ def task_data_specs(manager, names: Iterable[str]) -> dict[str, DataSpec]:
 
     specs = {}
     for name in names:
-        kwargs = task_config(manager, name).get("dataset_kwargs")
-        if isinstance(kwargs, dict) and "data_key" in kwargs:
-            try:
-                specs[name] = DataSpec.from_kwargs(kwargs)
-            except BadInput as e:
-                raise BadInput(f"task {name!r}: {e}") from None
+        try:
+            spec = data_spec(task_config(manager, name))
+        except BadInput as e:
+            raise BadInput(f"task {name!r}: {e}") from None
+        if spec is not None:
+            specs[name] = spec
     return specs
+
+
+def data_spec(config: Mapping[str, Any]) -> DataSpec | None:
+    """The data spec in a resolved task config; None for a task whose data this module does not load."""
+    kwargs = config.get("dataset_kwargs")
+    return DataSpec.from_kwargs(kwargs) if isinstance(kwargs, Mapping) and "data_key" in kwargs else None
 
 
 def merge_specs(specs: Iterable[DataSpec]) -> list[DataSpec]:

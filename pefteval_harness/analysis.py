@@ -126,10 +126,10 @@ def weight_updates(
 
 
 def _model_updates(base: Path, model: Path, wanted: set[str] | None) -> Iterator[WeightUpdate]:
-    from pefteval_harness.merging.engine import MODEL, _Tensors
+    from pefteval_harness.merging.tensors import MODEL, SafetensorsReader
 
     with ExitStack() as stack:
-        base_t, tuned_t = _Tensors(base, MODEL, stack), _Tensors(model, MODEL, stack)
+        base_t, tuned_t = SafetensorsReader(base, MODEL, stack), SafetensorsReader(model, MODEL, stack)
         tuned_names = set(tuned_t.names())
         shared = [name for name in base_t.names() if name in tuned_names]  # tied weights may be saved once
         if not shared:
@@ -166,12 +166,12 @@ def _adapter_updates(base: Path, adapter: Path, wanted: set[str] | None, trust: 
     from transformers import AutoModelForCausalLM
 
     from pefteval_harness.jobs import prefer_safetensors
-    from pefteval_harness.merging.engine import MODEL, _Tensors
+    from pefteval_harness.merging.tensors import MODEL, SafetensorsReader
 
     if reason := no_update_reason(adapter):
         raise BadInput(f"{adapter}: no weight update: {reason}")
     with ExitStack() as stack:
-        base_t = _Tensors(base, MODEL, stack)  # checked before the model is loaded
+        base_t = SafetensorsReader(base, MODEL, stack)  # checked before the model is loaded
         stored = set(base_t.names())
         loaded = AutoModelForCausalLM.from_pretrained(
             str(base), dtype=torch.float32, trust_remote_code=trust, **prefer_safetensors(str(base))

@@ -115,7 +115,7 @@ def cmd_data(args) -> int:
     specs = task_data_specs(selection.manager, selection.names)
     if not specs:
         raise BadInput(f"--tasks: none of {', '.join(args.tasks)} loads its data through pefteval's data loader")
-    written = export(specs.values(), Path(args.out))
+    written = export([spec for found in specs.values() for spec in found], Path(args.out))
     for path in written:
         print(path)
     print(f"{len(written)} files for {len(specs)} tasks written; set {DATA_DIR_ENV}={args.out} to use them")

@@ -5,8 +5,9 @@ Task folders re-export these through their utils.py (`process_results: !function
 name it does not register from the HuggingFace hub, so every hook returns metric names that its YAML
 pairs with an explicit `aggregation` (lm-eval's `mean` or `bleu`, or a function of this module).
 
-Scales: every per-document score is in [0, 1] (SQuAD EM and F1 too, where the official script reports
-0-100); lm-eval's `bleu` aggregation reports sacrebleu's 0-100 corpus BLEU.
+Scales: every per-document score is in [0, 1] (SQuAD and DROP EM and F1 too, where the official scripts
+report 0-100), except BLEU, on sacrebleu's 0-100 scale: lm-eval's `bleu` aggregation (corpus BLEU) and
+`sentence_bleu` (FLORES-101, averaged with `mean`).
 
 A new task family adds entries: a parser in `answers.py` if it needs one, a `<task>_results` hook
 built from the scorers below, and an aggregation over (gold, pred) items if `mean` is not its metric.
@@ -323,3 +324,181 @@ def class_f1(items: Iterable[Item], classes: Sequence[Any]) -> float:
 def positive_f1(items: Iterable[Item]) -> float:
     """Binary F1 of label 1 (precision and recall of predicting 1); any other label or None is negative."""
     return class_f1(items, [1])
+
+
+# --- Merge benchmarks: DROP, FLORES-101, MBPP, emotion recognition in conversation ------------------
+# Each generative hook also returns `parsed`: 1.0 when the generation holds the answer in the form the
+# prompt asks for (an `Answer:` line, a `Translation:` line, Python code), else 0.0. An unparsed answer
+# scores as wrong (0 for every metric) and is counted there, never raised.
+
+
+def drop_golds(doc: dict) -> list[tuple[str, ...]]:
+    """The gold answers of a DROP record, each a tuple of spans (one span, or several for a multi-span
+    answer), empty ones dropped.
+
+    ucinlp/drop (`answers_spans: {spans, types}`) holds one answer per question: its spans are the parts
+    of that answer (a number, a date or one or more passage spans). Records in the EleutherAI/drop schema
+    (`answer` and `validated_answers`) give several alternative answers; lm-eval's own parser reads them.
+    """
+    if "answers_spans" in doc:
+        spans = tuple(str(s) for s in (doc["answers_spans"] or {}).get("spans") or () if str(s).strip())
+        return [spans] if spans else []
+    if "answer" in doc and "validated_answers" in doc:
+        from lm_eval.tasks.drop.utils import get_answers
+
+        return [g for g in get_answers(doc) if g and g[0].strip()]
+    raise ValueError(f"DROP record without answers_spans or answer/validated_answers: {sorted(doc)}")
+
+
+def drop_scores(prediction: str | Sequence[str], golds: Sequence[Sequence[str]]) -> tuple[float, float]:
+    """Official DROP exact match and F1 of a prediction (one span, or a list of spans), each the maximum
+    over the gold answers, in [0, 1]: lm-eval's port of the official script (answers are normalised
+    (lower case, punctuation and articles removed, numbers as floats: "2.0" = "2"), split into spans and
+    the spans into bags of tokens; EM needs the same set of normalised spans; F1 aligns predicted and gold
+    spans one to one (optimal assignment) and averages token-bag F1 over the spans, a pair scoring 0 when
+    the gold span has numbers and the predicted one shares none). (0, 0) without gold answers."""
+    from lm_eval.tasks.drop.utils import get_metrics
+
+    predicted = [prediction] if isinstance(prediction, str) else list(prediction)
+    best_em, best_f1 = 0.0, 0.0
+    for gold in golds:
+        em, f1 = get_metrics(predicted, list(gold))
+        best_em, best_f1 = max(best_em, float(em)), max(best_f1, float(f1))
+    return best_em, best_f1
+
+
+def drop_results(doc: dict, results: Sequence[str]) -> dict[str, float]:
+    """DROP: the value of the generation's first `Answer:` line (`answers.answer_line`; the merging study's
+    evaluator reads it with a regex search, which finds the first) is the predicted answer, one span as
+    written, as theirs; `drop_scores` against the record's gold answers. No `Answer:` line: 0 for both and
+    `parsed` 0. Aggregate all three with `mean`."""
+    prediction = answers.answer_line(results[0], position="first")
+    if prediction is None:
+        return {"exact_match": 0.0, "f1": 0.0, "parsed": 0.0}
+    exact_match, f1 = drop_scores(prediction, drop_golds(doc))
+    return {"exact_match": exact_match, "f1": f1, "parsed": 1.0}
+
+
+# The word "translation" (any case) and a colon, as `answers.answer_line` reads "Answer:".
+_TRANSLATION_LINE = re.compile(r"\btranslation\b\s*:(?P<value>[^\n]*)", re.IGNORECASE)
+# sacrebleu's tokenizer for targets that do not separate words with spaces; "13a" (its default) otherwise.
+# FLORES-101's own spBLEU tokenizer ("flores101") downloads its model at first use, so it is not the default.
+BLEU_TOKENIZERS = {
+    "zho_simpl": "zh",
+    "zho_trad": "zh",
+    "jpn": "char",
+    "tha": "char",
+    "mya": "char",
+    "khm": "char",
+    "lao": "char",
+}
+
+
+def translation_line(text: str) -> str | None:
+    """The value of the first `Translation: X` in `text` (as the merging study's regex search finds it): the
+    rest of that line, stripped of whitespace, markdown wrapping and quotes; None when there is none or it
+    is empty."""
+    match = _TRANSLATION_LINE.search(text)
+    if match is None:
+        return None
+    value = match.group("value").strip(" \t*_`\"'“”«»")
+    return value or None
+
+
+def sentence_bleu(prediction: str, reference: str, tokenize: str = "13a") -> float:
+    """sacrebleu's sentence BLEU (0-100; exponential smoothing, effective n-gram order) of one prediction
+    against one reference, with sacrebleu's tokenizer `tokenize`."""
+    import sacrebleu
+
+    return float(sacrebleu.sentence_bleu(prediction, [reference], tokenize=tokenize).score)
+
+
+def flores_results(doc: dict, results: Sequence[str]) -> dict[str, float]:
+    """FLORES-101 pair: sentence BLEU (0-100) of the generation's first `Translation:` line against the
+    target sentence (`doc["target"]`), tokenised for the target language (`BLEU_TOKENIZERS`); averaged
+    over sentences with `mean`, as the merging study averages its sentence BLEU. No `Translation:` line:
+    BLEU 0 and `parsed` 0."""
+    prediction = translation_line(results[0])
+    if prediction is None:
+        return {"sentence_bleu": 0.0, "parsed": 0.0}
+    tokenize = BLEU_TOKENIZERS.get(doc.get("target_config", ""), "13a")
+    return {"sentence_bleu": sentence_bleu(prediction, doc["target"], tokenize), "parsed": 1.0}
+
+
+def mbpp_results(doc: dict, results: Sequence[str]) -> dict[str, float]:
+    """MBPP pass@1 (one greedy sample): the code in the generation (`code_execution.extract_code`), after
+    the standard-library imports MBPP solutions assume (`code_execution.PRELUDE`), passes every assert of
+    `doc["test_list"]` after `doc["test_setup_code"]`, run by `code_execution.run_tests` (a separate,
+    limited process; 10 s per program). No parseable code: 0 and `parsed` 0. Only reached when the user
+    confirmed running model-written code (the task is `unsafe_code: true`)."""
+    from pefteval_harness import code_execution
+
+    code = code_execution.extract_code(results[0])
+    if code is None:
+        return {"pass_at_1": 0.0, "parsed": 0.0}
+    passed, _ = code_execution.run_tests(
+        code_execution.PRELUDE + "\n" + code, list(doc["test_list"]), setup=doc.get("test_setup_code") or ""
+    )
+    return {"pass_at_1": float(passed), "parsed": 1.0}
+
+
+MELD_EMOTIONS = ("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger")
+EMORYNLP_EMOTIONS = ("Neutral", "Joyful", "Peaceful", "Powerful", "Scared", "Mad", "Sad")
+
+
+def _gold_emotion(doc: dict, labels: Sequence[str]) -> str:
+    gold = next((label for label in labels if label.lower() == str(doc["Emotion"]).strip().lower()), None)
+    if gold is None:
+        raise ValueError(f"emotion {doc['Emotion']!r} is none of {list(labels)}")
+    return gold
+
+
+def emotion_results(doc: dict, results: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Emotion recognition in conversation (generative): the first of `labels` named in the value of the
+    generation's first `Answer:` line (`answers.answer_line`, then `answers.find_label`; case ignored)
+    against `doc["Emotion"]`. Returns `weighted_f1`, a (gold, pred) item for the `weighted_f1` aggregation
+    (pred None when unparsed: wrong for every class), `acc` and `parsed` (aggregate with `mean`)."""
+    gold = _gold_emotion(doc, labels)
+    value = answers.answer_line(results[0], position="first")
+    prediction = answers.find_label(value, labels) if value is not None else None
+    parsed = float(prediction is not None)
+    return {"weighted_f1": (gold, prediction), "acc": float(prediction == gold), "parsed": parsed}
+
+
+def meld_results(doc: dict, results: Sequence[str]) -> dict[str, Any]:
+    """MELD (`emotion_results` over its 7 emotions)."""
+    return emotion_results(doc, results, MELD_EMOTIONS)
+
+
+def emorynlp_results(doc: dict, results: Sequence[str]) -> dict[str, Any]:
+    """EmoryNLP (`emotion_results` over its 7 emotions)."""
+    return emotion_results(doc, results, EMORYNLP_EMOTIONS)
+
+
+def emotion_choice_results(doc: dict, results: Sequence[tuple[float, bool]], labels: Sequence[str]) -> dict[str, Any]:
+    """Emotion recognition scored by log-likelihood: the prediction is the label whose continuation the
+    model finds most likely (`results`: lm-eval's (loglikelihood, is_greedy) per label, in `labels`
+    order). `acc` and `acc_norm` (the log-likelihood per character of the label, as lm-eval's acc_norm),
+    aggregated with `mean`, and `weighted_f1` (a (gold, pred) item)."""
+    if len(results) != len(labels):
+        raise ValueError(f"{len(results)} log-likelihoods for {len(labels)} emotions")
+    gold = _gold_emotion(doc, labels)
+    scores = [float(ll) for ll, _ in results]
+    per_char = [score / len(label) for score, label in zip(scores, labels, strict=True)]
+    prediction = labels[scores.index(max(scores))]
+    prediction_norm = labels[per_char.index(max(per_char))]
+    return {
+        "acc": float(prediction == gold),
+        "acc_norm": float(prediction_norm == gold),
+        "weighted_f1": (gold, prediction),
+    }
+
+
+def meld_choice_results(doc: dict, results: Sequence[tuple[float, bool]]) -> dict[str, Any]:
+    """MELD by log-likelihood (`emotion_choice_results`)."""
+    return emotion_choice_results(doc, results, MELD_EMOTIONS)
+
+
+def emorynlp_choice_results(doc: dict, results: Sequence[tuple[float, bool]]) -> dict[str, Any]:
+    """EmoryNLP by log-likelihood (`emotion_choice_results`)."""
+    return emotion_choice_results(doc, results, EMORYNLP_EMOTIONS)

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import itertools
 import json
+import math
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,7 @@ class Plan:
     def __post_init__(self) -> None:
         self.spec_hash = self.spec.fingerprint()
 
-    def add(self, label: str, lineage: Lineage, config, resources: Resources, deps=()) -> Job:
+    def add(self, label: str, lineage: Lineage, config, resources: Resources, deps=(), keep_artifact=True) -> Job:
         from pefteval_harness.jobs import JOB_KINDS
 
         identity = json.dumps(
@@ -83,6 +86,7 @@ class Plan:
             resources=resources,
             spec_hash=self.spec_hash,
             config=config,
+            keep_artifact=keep_artifact,
         )
         self.jobs.append(job)
         return job
@@ -126,8 +130,8 @@ def build_plan(spec: Spec) -> Plan:
     if spec.evaluate.include_base:
         models.append(_Model(BASE_LABEL, _lineage(spec, BASE_LABEL, "base"), LoadedModel(base=base), base_deps))
     trained = _train_jobs(spec, plan, base, base_deps, models)
-    _merge_jobs(spec, plan, base, base_deps, trained, models)
-    _check_labels_unique(spec, trained)
+    merged = _merge_jobs(spec, plan, base, base_deps, trained, models)
+    _check_labels_unique(trained, merged)
     _analyze_jobs(spec, plan, base, base_deps, trained)
     _evaluate_jobs(spec, plan, models)
     return plan
@@ -197,15 +201,14 @@ def _tasks(patterns: list[str], where: str, spec: Spec, plan: Plan):
 def _check_data(plan: Plan, selection, tasks: list[str], where: str, training: bool) -> None:
     """With PEFTEVAL_DATA_DIR set, every file these tasks will read must be there: bad input now, not a
     failed job later."""
-    from pefteval_harness.tasks.data import check_local_files, data_spec
+    from pefteval_harness.tasks.data import check_local_files, data_specs
 
     for task in tasks:
         if (task, training) in plan.data_checked:
             continue
         plan.data_checked.add((task, training))
         try:
-            data = data_spec(_config(plan, selection, task))
-            if data is not None:
+            for data in data_specs(_config(plan, selection, task)):
                 check_local_files(data, training)
         except BadInput as e:
             raise BadInput(f"{where}: {task}: {e}") from None
@@ -308,50 +311,97 @@ def _analyze_jobs(spec: Spec, plan: Plan, base: ModelRef, base_deps: list[str], 
             plan.add(job.label, job.lineage, config, spec.resources.analyze, deps)
 
 
-def _merge_jobs(spec, plan, base, base_deps, trained, models) -> None:
-    """One merge job per merge or sweep point, over every expert job of the fine-tunes it names."""
-    from pefteval_harness.merging import get_method as get_merge_method
-
+def _merge_jobs(spec, plan, base, base_deps, trained, models) -> list[Job]:
+    """One merge job per merge or sweep point, over every expert job of the fine-tunes it names (the pool),
+    or, with `subsets`, one per chosen subset of k of them (the scaling sweep)."""
+    merged = []
     for name, points in spec.merge_points().items():
         for point in points:
-            merge = point.item
-            experts = [job for expert in merge.experts for job in trained[expert]]
-            if merge.weights is not None and len(merge.weights) != len(experts):
-                raise BadInput(f"merges.{name}.weights: {len(merge.weights)} weights for {len(experts)} experts")
-            method = get_merge_method(merge.method)
-            produces = "adapter" if merge.space == "factor" else "model"
-            seed = spec.seed if merge.seed is None else merge.seed
-            config = MergeConfig(
-                method=merge.method,
-                method_version=method.version,
-                parameters=merge.parameters,
-                weights=merge.weights,
-                space=merge.space,
-                experts=[job.id for job in experts],
-                base=base,
-                seed=seed,
-                produces=produces,
-            )
-            lineage = _lineage(
-                spec,
-                point.label,
-                f"merge:{merge.method}",
-                trained_on=sorted({t for j in experts for t in j.config.train.tasks}),
-                merge=MergeLineage(method=merge.method, experts=[j.label for j in experts], k=len(experts), seed=seed),
-                sweep_of=point.sweep_of,
-                sweep=point.values,
-            )
-            job = plan.add(point.label, lineage, config, spec.resources.merge, [*base_deps, *(j.id for j in experts)])
-            if merge.evaluate:
-                deps = [*base_deps, job.id] if produces == "adapter" else [job.id]
-                models.append(_Model(point.label, lineage, _loaded(job, produces, base), deps))
+            pool = [job for expert in point.item.experts for job in trained[expert]]
+            if point.item.weights is not None and len(point.item.weights) != len(pool):
+                raise BadInput(f"merges.{name}.weights: {len(point.item.weights)} weights for {len(pool)} experts")
+            for label, values, experts in _expert_sets(spec, name, point, pool):
+                merged.append(_merge_job(spec, plan, name, point.item, label, values, experts, base, base_deps, models))
+    return merged
 
 
-def _check_labels_unique(spec: Spec, trained: dict[str, list[Job]]) -> None:
+def _expert_sets(spec, name, point, pool):
+    """(label, sweep values, experts) of each merge a point makes: the whole pool, or each chosen subset."""
+    subsets = point.item.subsets
+    if subsets is None:
+        yield point.label, point.values, pool
+        return
+    seed = spec.seed if subsets.seed is None else subsets.seed
+    for k in subsets.k:
+        if k > len(pool):
+            raise BadInput(f"merges.{name}.subsets.k: {k} is larger than the pool of {len(pool)} experts")
+        for i, chosen in enumerate(choose_subsets(len(pool), k, subsets.per_k, seed), 1):
+            shown = f"k={k},s={i}"
+            label = f"{point.label[:-1]},{shown}]" if point.sweep_of else f"{point.label}[{shown}]"
+            yield label, {**point.values, "k": k, "subset": i}, [pool[j] for j in chosen]
+
+
+def choose_subsets(n: int, k: int, count: int, seed: int) -> list[tuple[int, ...]]:
+    """`count` distinct k-subsets of range(n) as sorted index tuples, all of them (in order) if there are no
+    more. Drawn from a generator seeded by (seed, n, k) alone, so every method merging a pool of this size
+    is scored on the same subsets."""
+    if math.comb(n, k) <= count:
+        return list(itertools.combinations(range(n), k))
+    rng = random.Random(f"{seed}/{n}/{k}")  # a str seed hashes the same in every process
+    chosen: dict[tuple[int, ...], None] = {}
+    while len(chosen) < count:
+        chosen.setdefault(tuple(sorted(rng.sample(range(n), k))))
+    return list(chosen)
+
+
+def _merge_job(spec, plan, name, merge, label, values, experts, base, base_deps, models) -> Job:
+    from pefteval_harness.merging import get_method as get_merge_method
+
+    method = get_merge_method(merge.method)
+    try:
+        method.resolve_weights(merge.weights, len(experts))  # e.g. SLERP's two experts
+    except BadInput as e:
+        raise BadInput(f"merges.{name}: {e}") from None
+    produces = "adapter" if merge.space == "factor" else "model"
+    seed = spec.seed if merge.seed is None else merge.seed
+    weights = merge.weights
+    if merge.normalize_weights:
+        given = weights or [1.0] * len(experts)
+        weights = [w / sum(given) for w in given]
+    config = MergeConfig(
+        method=merge.method,
+        method_version=method.version,
+        parameters=merge.parameters,
+        weights=weights,
+        space=merge.space,
+        experts=[job.id for job in experts],
+        base=base,
+        seed=seed,
+        produces=produces,
+        theory=merge.theory,
+    )
+    lineage = _lineage(
+        spec,
+        label,
+        f"merge:{merge.method}",
+        trained_on=sorted({t for j in experts for t in j.config.train.tasks}),
+        merge=MergeLineage(method=merge.method, experts=[j.label for j in experts], k=len(experts), seed=seed),
+        sweep_of=name if values else None,
+        sweep=values,
+    )
+    deps = [*base_deps, *(j.id for j in experts)]
+    job = plan.add(label, lineage, config, spec.resources.merge, deps, keep_artifact=merge.keep_model)
+    if merge.evaluate:
+        deps = [*base_deps, job.id] if produces == "adapter" else [job.id]
+        models.append(_Model(label, lineage, _loaded(job, produces, base), deps))
+    return job
+
+
+def _check_labels_unique(trained: dict[str, list[Job]], merged: list[Job]) -> None:
     """Every model is one leaderboard row: two models with one label would merge silently."""
     seen: dict[str, str] = {}
     labels = [(job.label, f"finetunes.{name}") for name, jobs in trained.items() for job in jobs]
-    labels += [(p.label, f"merges.{name}") for name, points in spec.merge_points().items() for p in points]
+    labels += [(job.label, f"merges.{job.lineage.sweep_of or job.label}") for job in merged]
     for label, where in labels:
         if label in seen or label == BASE_LABEL:
             other = seen.get(label, "the base model")

@@ -129,13 +129,37 @@ def execute(plan: Plan, store: Store, max_retries: int = 1, tasks_per_worker: in
     elsewhere: set[str] = set()  # held by another live run: waited for
     held: set[str] = set()
 
+    readers: dict[str, list[str]] = {}  # job id -> the jobs that read it
     for job in plan.jobs:
-        if store.is_done(job.id):
+        for dep in job.deps:
+            readers.setdefault(dep, []).append(job.id)
+
+    def done_in_store(job: Job) -> bool:
+        """Done, and its artifact there unless no pending job reads it (a deleted one is then rebuilt)."""
+        if not store.is_done(job.id):
+            return False
+        return not store.artifact_deleted(job.id) or all(store.is_done(r) for r in readers.get(job.id, []))
+
+    def delete_spent_artifacts(settled: Job) -> None:
+        """`keep_model: false`: a merged model goes once every job that reads it is settled."""
+        for dep in settled.deps:
+            if by_id[dep].keep_artifact or state.get(dep) != DONE:
+                continue
+            if all(r in state for r in readers[dep]):
+                store.delete_artifact(dep)
+
+    by_id = {job.id: job for job in plan.jobs}
+    for job in plan.jobs:
+        if done_in_store(job):
             state[job.id] = DONE
             summary.skipped.append(job.id)
+    for job in plan.jobs:  # spent before an earlier run could delete them
+        if job.id in state:
+            delete_spent_artifacts(job)
 
     def fail(job: Job, outcome: dict) -> None:
         state[job.id] = FAILED
+        delete_spent_artifacts(job)
         summary.failed[job.id] = outcome["reason"]
         store.record(
             job.model_dump(mode="json"),
@@ -177,7 +201,7 @@ def execute(plan: Plan, store: Store, max_retries: int = 1, tasks_per_worker: in
                     continue
                 if not all(state.get(d) == DONE for d in job.deps):
                     continue
-                if store.is_done(job.id):  # another run finished it
+                if done_in_store(job):  # another run finished it
                     state[job.id] = DONE
                     summary.skipped.append(job.id)
                     elsewhere.discard(job.id)
@@ -222,6 +246,7 @@ def execute(plan: Plan, store: Store, max_retries: int = 1, tasks_per_worker: in
                     if job.id in state:
                         store.release(job.id, owner)
                         held.discard(job.id)
+                        delete_spent_artifacts(job)
                 if retry:
                     submit(retry)
     return summary

@@ -15,7 +15,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -26,6 +26,7 @@ from pefteval_harness.jobs.types import (
     DeepSpeedSettings,
     EvaluateSettings,
     Resources,
+    TheorySettings,
     TrainSettings,
     _Frozen,
 )
@@ -135,10 +136,50 @@ class FinetuneSpec(_Frozen):
         return self
 
 
+class SubsetsSpec(_Frozen):
+    """The scaling sweep: merge k of the pool's experts, for each k, over several seeded random subsets."""
+
+    k: list[Annotated[int, Field(strict=True, ge=1)]] = Field(
+        min_length=1, description="numbers of experts to merge, each at most the pool's size"
+    )
+    per_k: int = Field(1, ge=1, description="random subsets per k (all of them when there are fewer)")
+    seed: int | None = Field(None, description="seeds the choice of subsets (default: the spec's seed)")
+
+    @field_validator("k")
+    @classmethod
+    def _distinct(cls, ks: list[int]) -> list[int]:
+        if len(set(ks)) != len(ks):
+            raise ValueError("a k is listed twice")
+        return sorted(ks)
+
+
 class MergeSpec(MergeSettings):
     experts: list[str] = Field(min_length=1, description="fine-tune names; a per_task name means all of them")
     evaluate: bool = True
     sweep: SweepGrid = Field(default_factory=dict, description=SWEEP_DESCRIPTION)
+    subsets: SubsetsSpec | None = Field(
+        None, description="merge subsets of k of the experts (the pool) instead of all of them: the scaling sweep"
+    )
+    theory: TheorySettings | None = Field(
+        None, description="record the theory quantities of each merge (task vectors and merged tensors); off if absent"
+    )
+    normalize_weights: bool = Field(
+        False, description="divide the experts' weights (1.0 each if not given) by their sum: they sum to 1"
+    )
+    keep_model: bool = Field(True, description="false: delete the merged model once all its evaluations are scored")
+
+    @field_validator("theory", mode="before")
+    @classmethod
+    def _theory_switch(cls, v: Any) -> Any:
+        return ({} if v else None) if isinstance(v, bool) else v  # `theory: true` takes the defaults
+
+    @model_validator(mode="after")
+    def _subsets_weigh_alike(self) -> MergeSpec:
+        if self.subsets is not None and self.weights is not None:
+            raise at("weights", "not with subsets: each subset's experts weigh alike (1.0 each)")
+        if self.normalize_weights and self.weights is not None and abs(sum(self.weights)) < 1e-12:
+            raise at("weights", "they sum to 0 and cannot be normalised (normalize_weights)")
+        return self
 
     @field_validator("sweep")
     @classmethod

@@ -5,7 +5,8 @@
       jobs/<job id>/job.json            the job's definition
       jobs/<job id>/artifact/           a model or adapter folder (train, merge, base jobs)
       jobs/<job id>/result.json         train: costs; evaluate: lm-eval's results JSON plus provenance
-      jobs/<job id>/status.json         {"state": "done" | "failed", ...}, written last
+      jobs/<job id>/status.json         {"state": "done" | "failed", ...}, written last; "artifact_deleted"
+                                        when a merge made with `keep_model: false` was deleted once scored
       jobs/<job id>/claim               which run is working on the job (two runs may share a store)
       leaderboard.md / .csv / .json     written by the report, from the store alone
 
@@ -134,6 +135,21 @@ class Store:
         if result is not None:
             write_json(job_dir / "result.json", result)
         write_json(job_dir / "status.json", {"state": state, **status})
+
+    def delete_artifact(self, job_id: str) -> None:
+        """Delete a done job's artifact to save disk, and say so in its status (its result is kept).
+
+        The status is rewritten first: a crash in between leaves a status that says "deleted" over a
+        folder that is still there (rebuilt if needed), never the other way round."""
+        status = self.status(job_id)
+        if not status or status["state"] != DONE or status.get("artifact_deleted"):
+            return
+        write_json(self.job_dir(job_id) / "status.json", {**status, "artifact_deleted": True})
+        shutil.rmtree(self.artifact(job_id), ignore_errors=True)
+
+    def artifact_deleted(self, job_id: str) -> bool:
+        status = self.status(job_id)
+        return bool(status and status.get("artifact_deleted"))
 
     # --- claims: two runs sharing a store never run the same job at once --------------------------------
 

@@ -245,3 +245,24 @@ def test_a_run_whose_data_dir_lacks_a_tasks_files_stops_before_anything_runs(tmp
     spec.write_text("base_model: tiny\nevaluate: {tasks: [pefteval_peft_rte]}\n")  # evaluation only
     assert main(["plan", str(spec)]) == 2
     assert "evaluate.tasks: pefteval_peft_rte: " in capsys.readouterr().err
+
+
+def test_a_translation_pair_reads_both_languages_files(tmp_path, monkeypatch):
+    """A FLORES pair reads two files: both are checked at plan time and both are part of its identity."""
+    from pefteval_harness.tasks import task_config, task_identity, task_manager
+    from pefteval_harness.tasks.data import check_local_files, data_specs
+
+    manager = task_manager()
+    source, target = data_specs(task_config(manager, "pefteval_merge_flores101_en_fr"))
+    assert (source.key, source.hf_name, target.key, target.hf_name) == ("flores101/eng", "eng", "flores101/fra", "fra")
+    for lang in ("eng", "fra"):
+        (tmp_path / "flores101" / lang).mkdir(parents=True)
+        (tmp_path / "flores101" / lang / "devtest.jsonl").write_text(json.dumps({"id": 1, "sentence": lang}) + "\n")
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    before = task_identity(manager, "pefteval_merge_flores101_en_fr")
+    (tmp_path / "flores101" / "fra" / "devtest.jsonl").write_text(json.dumps({"id": 1, "sentence": "autre"}) + "\n")
+    assert task_identity(manager, "pefteval_merge_flores101_en_fr") != before  # the target's records count
+    (tmp_path / "flores101" / "fra" / "devtest.jsonl").unlink()
+    check_local_files(source, training=False)
+    with pytest.raises(BadInput, match="flores101/fra/devtest.jsonl: no such file"):
+        check_local_files(target, training=False)

@@ -193,7 +193,7 @@ def test_linear_and_task_arithmetic_methods():
 @pytest.mark.parametrize(
     "call, expected",
     [
-        (lambda: merge_models(method="slerp", experts=[Path("x")], out_dir=Path("y")), "'slerp'.*known: linear"),
+        (lambda: merge_models(method="dare", experts=[Path("x")], out_dir=Path("y")), "'dare'.*known: linear"),
         (lambda: MERGE_METHODS["ties"]([torch.ones(2)], lambda_=1), "unknown parameter 'lambda_'.*density, scaling"),
         (lambda: MERGE_METHODS["rht"]([torch.ones(2)], density="high"), "parameter 'density': .* valid number"),
         (lambda: MERGE_METHODS["rht"]([torch.ones(2)], density=True), "parameter 'density': .* valid number"),

@@ -190,7 +190,7 @@ def task_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("task_data")
     specs = task_data_specs(task_manager(), ALL)
     assert sorted(specs) == sorted(ALL)
-    for spec in specs.values():
+    for spec in [spec for found in specs.values() for spec in found]:
         for stem in spec.splits.values():
             target = root / spec.key / f"{stem}.jsonl"
             if target.exists():

@@ -89,7 +89,7 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {
     "base": JobKind(_base, version=1),
     "train": JobKind(_train, version=2),  # 2: prompts truncated from the left, answers kept whole
-    "merge": JobKind(_merge, version=2),  # 2: typed parameters, seeded per-tensor generators, sharded output
+    "merge": JobKind(_merge, version=3),  # 3: streamed output, model card, theory quantities
     "evaluate": JobKind(_evaluate, version=2),  # 2: one task per job
     "analyze": JobKind(_analyze, version=1),
 }
@@ -125,7 +125,7 @@ def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, 
     outcomes: dict[str, dict] = {}
     todo = []
     for job in typed:
-        if store.is_done(job.id):
+        if store.is_done(job.id) and not store.artifact_deleted(job.id):  # a deleted artifact is rebuilt
             outcomes[job.id] = {"state": DONE}
         else:
             todo.append(job)

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from pefteval_harness.jobs import model_path
-from pefteval_harness.jobs.types import HubRef, Job
+from pefteval_harness.jobs.types import HubRef, Job, MergeConfig
 from pefteval_harness.store import Store
 
 
@@ -23,6 +23,7 @@ def merge(job: Job, store: Store) -> dict:
     out = store.artifact(job.id)
     if out.exists():  # left by an attempt of ours that died before its status was written (we hold the claim)
         shutil.rmtree(out)
+    theory = _theory_accumulator(config)
     merge_models(
         method=config.method,
         experts=[store.artifact(expert) for expert in config.experts],
@@ -32,5 +33,21 @@ def merge(job: Job, store: Store) -> dict:
         params=config.parameters,
         space=config.space,
         seed=config.seed,
+        observer=None if theory is None else theory.observe,
     )
-    return {"method": config.method, "experts": config.experts, "space": config.space}
+    result = {"method": config.method, "experts": config.experts, "space": config.space}
+    if theory is not None:
+        result["theory"] = theory.result()
+    return result
+
+
+def _theory_accumulator(config: MergeConfig):
+    """What records the theory quantities while the engine streams the tensors, if the merge asks for them.
+    RHT's density for the tail statistics: the setting's, else the merge's own density, else RHT's default."""
+    if config.theory is None:
+        return None
+    from pefteval_harness.merging import get_method
+    from pefteval_harness.merging.theory import TheoryAccumulator
+
+    density = config.theory.density or config.parameters.get("density") or get_method("rht").validate_params({}).density
+    return TheoryAccumulator(density=density, width_samples=config.theory.width_samples, seed=config.seed)

@@ -145,6 +145,16 @@ class TrainConfig(_Frozen):
     include_paths: list[str]
 
 
+class TheorySettings(_Frozen):
+    """The theory quantities a merge records (see `pefteval_harness.merging.theory`)."""
+
+    # Draws are cheap (K-dimensional: merging/theory.py); 1024 puts the standard error near 1.5%.
+    width_samples: int = Field(1024, ge=2, description="Gaussian draws of the Monte-Carlo Gaussian-width estimate")
+    density: float | None = Field(
+        None, gt=0, le=1, description="RHT's density for the tail statistics (default: the merge's, else 0.7)"
+    )
+
+
 class MergeConfig(_Frozen):
     kind: Literal["merge"] = "merge"
     method: str
@@ -156,6 +166,7 @@ class MergeConfig(_Frozen):
     base: ModelRef
     seed: int
     produces: Literal["model", "adapter"]
+    theory: TheorySettings | None = None
 
 
 class EvaluateConfig(_Frozen):
@@ -211,6 +222,8 @@ class Job(_Frozen):
     resources: Resources = Resources()
     spec_hash: str = ""
     config: JobConfig
+    # False: the artifact is deleted once every job that reads it is settled (and rebuilt if one is rerun).
+    keep_artifact: bool = True
 
     @property
     def kind(self) -> str:

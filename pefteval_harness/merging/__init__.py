@@ -1,9 +1,11 @@
 """Model merging: a streaming engine over safetensors, a registry of merge methods with typed parameters,
-and the merge settings and adapter rules every entry point validates against.
+the merge settings and adapter rules every entry point validates against, mergekit-style recipes and model
+cards, and the theory quantities a merge can record (`merging.theory`).
 
 Public API: `merge_models`, `merge_from_config`, `MERGE_METHODS`, `MergeMethod`, `MergeContext`,
 `get_method`, `describe_methods`, `tensor_generator`, `MergeSettings`, `MergeRecipe`, `ExpertEntry`,
-`load_recipe`, `check_adapters`, `ADAPTER_FAMILIES`, `SPACES`.
+`load_recipe`, `check_adapters`, `ADAPTER_FAMILIES`, `SPACES`, `model_card`, `to_mergekit`,
+`from_mergekit`, `MERGEKIT_METHODS`.
 """
 
 from pefteval_harness.merging.config import (
@@ -24,9 +26,11 @@ from pefteval_harness.merging.methods import (
     get_method,
     tensor_generator,
 )
+from pefteval_harness.merging.recipes import MERGEKIT_METHODS, from_mergekit, model_card, to_mergekit
 
 __all__ = [
     "ADAPTER_FAMILIES",
+    "MERGEKIT_METHODS",
     "MERGE_METHODS",
     "SPACES",
     "ExpertEntry",
@@ -36,9 +40,12 @@ __all__ = [
     "MergeSettings",
     "check_adapters",
     "describe_methods",
+    "from_mergekit",
     "get_method",
     "load_recipe",
     "merge_from_config",
     "merge_models",
+    "model_card",
     "tensor_generator",
+    "to_mergekit",
 ]

@@ -3,7 +3,8 @@
 `MergeSettings` is the part every entry point shares: method, its parameters (checked by the method's own
 params model and stored resolved, defaults included), weights, space and seed. The experiment spec embeds
 it (adding the fine-tunes to merge); `MergeRecipe` adds a base model and expert folders for
-`pefteval merge CONFIG`. `check_adapters` holds the engine's adapter rules; the engine applies it to the
+`pefteval merge CONFIG`, which also reads mergekit's YAML format (translated by `recipes.from_mergekit`).
+`check_adapters` holds the engine's adapter rules; the engine applies it to the
 experts' adapter_config.json and the planner to the peft configs of the fine-tunes before anything runs.
 pydantic only: no torch or peft import here.
 """
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pefteval_harness.config_io import at, load_mapping, resolve_path, validate
 from pefteval_harness.errors import BadInput
 from pefteval_harness.merging.methods import get_method
+from pefteval_harness.merging.recipes import from_mergekit, is_mergekit
 
 SPACES = ("delta_w", "factor")
 # Adapter families (as the fine-tuning registry names them) whose adapters the engine merges.
@@ -173,7 +175,13 @@ class MergeRecipe(MergeSettings):
 
 
 def load_recipe(path: Path) -> MergeRecipe:
-    """Read and validate a merge YAML file; any problem is one BadInput line `file: key.path: message`."""
+    """Read and validate a merge YAML file; any problem is one BadInput line `file: key.path: message`.
+
+    The file is either our format (`MergeRecipe`) or mergekit's (told apart by its `merge_method` key), which
+    `recipes.from_mergekit` translates first; relative paths resolve against the file's folder either way.
+    """
     path = Path(path)
     raw = load_mapping(path, "merge config")
+    if is_mergekit(raw):
+        raw = from_mergekit(raw, str(path))
     return validate(MergeRecipe, raw, path, context={"root": path.resolve().parent})

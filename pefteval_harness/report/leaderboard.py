@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefteval_harness.errors import BadInput
+from pefteval_harness.report import merge_scaling
 from pefteval_harness.report.plots import PLOTS_FOLDER, plots, write_plots
 from pefteval_harness.report.records import (
     FIELDS,
@@ -40,6 +41,7 @@ from pefteval_harness.report.records import (
     gap_records,
     group_leaves,
     score_records,
+    theory_records,
 )
 from pefteval_harness.store import DONE, FAILED, Store, read_json, read_plan, write_atomic
 
@@ -93,6 +95,8 @@ def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> li
             records += cost_records(model, job["id"], store.result(job["id"]) or {})
         elif kind == "analyze":
             records += analysis_records(model, job["id"], store.result(job["id"]) or {})
+        elif kind == "merge":
+            records += theory_records(model, job["id"], store.result(job["id"]) or {})
     return records
 
 
@@ -136,7 +140,7 @@ def collect(root: str | Path) -> Report:
         records += score_records(result, Model(model=label, method="lm-eval"), str(path.relative_to(root)))
     records += gap_records(records)
     # scores first; plan order within a kind
-    order = {"score": 0, "aggregate": 1, "gap": 2, "failure": 3, "cost": 4, "analysis": 5}
+    order = {"score": 0, "aggregate": 1, "gap": 2, "failure": 3, "cost": 4, "analysis": 5, "theory": 6}
     return Report(sorted(records, key=lambda r: order.get(r.record, len(order))))
 
 
@@ -401,14 +405,19 @@ def failures_table(records: list[Record]) -> str:
 
 def plot_links(records: list[Record]) -> str:
     """Relative links to the plots `write_reports` draws from these same records."""
-    found = plots(records)
+    found = [(p.title, p.file) for p in plots(records)] + merge_scaling.plot_files(records)
     if not found:
         return ""
-    return "\n## Plots\n\n" + "\n".join(f"![{p.title}]({PLOTS_FOLDER}/{p.file})\n" for p in found)
+    return "\n## Plots\n\n" + "\n".join(f"![{title}]({PLOTS_FOLDER}/{file})\n" for title, file in found)
+
+
+def scaling_tables(records: list[Record]) -> str:
+    return merge_scaling.scaling_section(records, _table)
 
 
 def to_markdown(records: list[Record]) -> str:
-    sections = (overview, family_tables, robustness_tables, costs_table, analysis_tables, failures_table, plot_links)
+    sections = (overview, family_tables, robustness_tables, scaling_tables, costs_table, analysis_tables,
+                failures_table, plot_links)  # fmt: skip
     text = "".join(section(records) for section in sections)
     return text.lstrip("\n") if text else "No results yet.\n"
 
@@ -445,6 +454,7 @@ def write_reports(root: str | Path) -> str:
     """Write the plots (plots/*.png), then leaderboard.md, .csv and .json into the folder; return the markdown."""
     report = collect(root)
     write_plots(report.records, Path(root) / PLOTS_FOLDER)  # before the markdown that links them
+    merge_scaling.write_scaling_plots(report.records, Path(root) / PLOTS_FOLDER)
     for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):
         text = render(report, fmt)
         write_atomic(Path(root) / f"leaderboard.{suffix}", text)

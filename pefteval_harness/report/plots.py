@@ -201,3 +201,110 @@ def write_plots(records: list[Record], folder: str | Path) -> list[Path]:
     for name in set(PLOT_NAMES) - {p.name for p in found}:
         (folder / f"{name}.png").unlink(missing_ok=True)
     return written
+
+
+# Scaling over the number of merged experts (report/scaling.py computes what these draw). Called directly with
+# numbers, not from the records: the merge sweep's rows are not store records.
+
+
+def _scaling_figure(series_count: int):
+    """A figure and axes in `draw`'s style: legend beside the axes, columns of at most 20 entries."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = max(1, math.ceil(series_count / 20))
+    figure = Figure(figsize=(6.4 + 2.4 * columns, 4.4), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot(), columns
+
+
+def _finish(figure, axes, columns: int, title: str, xlabel: str, ylabel: str, path: str | Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # k counts experts
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=columns, frameon=False)
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png", metadata={"Software": None})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_bytes(path, out.getvalue())
+    return path
+
+
+def _points_by_k(label: str, points) -> tuple[list[float], list[float], list[float]]:
+    """(k, y) or (k, y, std) tuples, sorted by k, non-finite y left out; std 0 when not given."""
+    from pefteval_harness.errors import BadInput
+
+    rows = []
+    for p in points:
+        if len(p) not in (2, 3):
+            raise BadInput(f"plot: series {label!r}: a point is (k, value) or (k, mean, std), got {p!r}")
+        if p[1] is not None and math.isfinite(p[1]):
+            rows.append((float(p[0]), float(p[1]), float(p[2]) if len(p) == 3 and p[2] is not None else 0.0))
+    rows.sort()
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def plot_scaling(path: str | Path, series, fits=None, k_stars=None,
+                 title: str = "Score vs number of merged experts", ylabel: str = "score") -> Path:  # fmt: skip
+    """Per method, mean ± std of the score over k (points with error bars), its fitted saturating curve
+    (dashed, same colour; extended to k* when k* lies within twice the largest k measured) and k* (a star on
+    the curve and a dotted vertical line). Written atomically to `path` as PNG; returns the path.
+
+    series: {method: [(k, mean, std), ...]}; fits: {method: SaturatingFit | NoFit | None};
+    k_stars: {method: KStar | NoFit | None} (report/scaling.py). A method without a fit is drawn without a curve
+    and says "no fit" in the legend."""
+    from matplotlib import colormaps
+
+    from pefteval_harness.errors import BadInput
+
+    if not series:
+        raise BadInput(f"plot_scaling: no series to draw into {path}")
+    fits, k_stars = fits or {}, k_stars or {}
+    figure, axes, columns = _scaling_figure(len(series))
+    palette = colormaps["tab20"]
+    for i, (method, points) in enumerate(series.items()):
+        ks, means, stds = _points_by_k(method, points)
+        colour = palette(i % 20)
+        fit, k_star = fits.get(method), k_stars.get(method)
+        label = method if fit else f"{method} (no fit)"
+        if fit and k_star:
+            label += f", k*={k_star.k}"
+        axes.errorbar(ks, means, yerr=stds, color=colour, marker="os^Dv"[i // 20 % 5], linestyle="none",
+                      capsize=3, label=label)  # fmt: skip
+        if not fit or not ks:
+            continue
+        end = max(ks)
+        if k_star and k_star.k <= 2 * max(ks):
+            end = max(end, k_star.k)
+        steps = 200
+        xs = [min(ks) + (end - min(ks)) * j / steps for j in range(steps + 1)]
+        axes.plot(xs, [fit.predict(x) for x in xs], color=colour, linestyle="--", linewidth=1)
+        if k_star and k_star.k <= end:
+            axes.axvline(k_star.k, color=colour, linestyle=":", linewidth=1)
+            axes.plot([k_star.k], [fit.predict(k_star.k)], color=colour, marker="*", markersize=12, linestyle="none")
+    return _finish(figure, axes, columns, title, "number of merged experts k", ylabel, path)
+
+
+def plot_theory(path: str | Path, values, quantity: str, title: str | None = None) -> Path:
+    """One theory quantity (merging/theory.py's result keys, e.g. gaussian_width_normalised) against k, a
+    line per method: values {method: [(k, value) or (k, mean, std), ...]}. PNG at `path`; returns the path."""
+    from matplotlib import colormaps
+
+    from pefteval_harness.errors import BadInput
+
+    if not values:
+        raise BadInput(f"plot_theory: no series to draw into {path}")
+    figure, axes, columns = _scaling_figure(len(values))
+    palette = colormaps["tab20"]
+    for i, (method, points) in enumerate(values.items()):
+        ks, ys, stds = _points_by_k(method, points)
+        axes.errorbar(ks, ys, yerr=stds if any(stds) else None, color=palette(i % 20),
+                      marker="os^Dv"[i // 20 % 5], capsize=3, label=method)  # fmt: skip
+    return _finish(figure, axes, columns, title or f"{quantity} vs number of merged experts",
+                   "number of merged experts k", quantity, path)  # fmt: skip

@@ -24,6 +24,9 @@ Kinds of record (`record` field):
              analysed model also has a "weight_update" record: 1, or 0 for a method that changes no weight
              (prompt learning), whose `note` says why and which has no other analysis record; the job's
              reason, if any, is its `note` (also "no weight differs from the base's" with no module)
+  theory     one theory quantity of a merge (merge jobs with `theory:`): `metric` names it (gaussian_width,
+             sign_conflict_rate, coverage, kurtosis_*, ...: docs/scaling.md), computed by the merge job from
+             the task vectors and the merged tensors; task None
   failure    one failed job: task set for an evaluation, None for train / merge / analyze / base jobs
 
 `group` is only set on aggregate records; `groups` lists, on score and failure records of a task, the
@@ -39,7 +42,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-RecordKind = Literal["score", "aggregate", "gap", "cost", "analysis", "failure"]
+RecordKind = Literal["score", "aggregate", "gap", "cost", "analysis", "theory", "failure"]
 COST_METRICS = (
     "trainable_params",
     "trainable_share",
@@ -286,6 +289,16 @@ def analysis_records(model: Model, job_id: str, result: dict) -> list[Record]:
             if number(entry.get(name)) is not None
         ]
     return out
+
+
+def theory_records(model: Model, job_id: str, result: dict) -> list[Record]:
+    """A merge's theory quantities, one record each (in the order the merge job wrote them)."""
+    quantities = result.get("theory") or {}
+    return [
+        Record(record="theory", task=None, metric=name, value=number(value), job_id=job_id, **model.fields())
+        for name, value in quantities.items()
+        if number(value) is not None or value is None
+    ]
 
 
 def gap_records(records: list[Record]) -> list[Record]:

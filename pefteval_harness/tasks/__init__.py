@@ -262,11 +262,11 @@ def task_identity(manager, name: str, config: dict | None = None) -> str:
     `data.source_identity`); not with a sibling task's YAML, nor with where the folder lives. `config`:
     its `task_config`, when the caller has it already.
     """
-    from pefteval_harness.tasks.data import data_spec, source_identity
+    from pefteval_harness.tasks.data import data_specs, source_identity
 
     config = task_config(manager, name) if config is None else config
-    spec = data_spec(config)
-    data = source_identity(spec) if spec is not None else None
+    specs = data_specs(config)
+    data = [source_identity(spec) for spec in specs] if len(specs) > 1 else source_identity(specs[0]) if specs else None
     text = json.dumps({"config": config, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

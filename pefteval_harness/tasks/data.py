@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -60,7 +60,7 @@ class Holdout:
 class DataSpec:
     key: str
     hf_path: str
-    hf_name: str | None
+    hf_name: str | tuple[str, ...] | None  # several configs: concatenated per split (MATH's subject types)
     splits: dict[str, str]  # HF split name -> local file stem
     holdout: Holdout | None = None
     hf_revision: str | None = None
@@ -85,10 +85,15 @@ class DataSpec:
         for stem in splits.values():
             if not _is_relative(stem):
                 raise BadInput(f"{where}: splits: {stem!r} is not a relative file stem")
+        name = kwargs.get("hf_name")
+        if isinstance(name, list):
+            if not name or not all(isinstance(n, str) and n for n in name):
+                raise BadInput(f"{where}: hf_name: expected a config name or a non-empty list of them, got {name!r}")
+            name = tuple(name)
         return cls(
             key=key,
             hf_path=path,
-            hf_name=kwargs.get("hf_name"),
+            hf_name=name,
             splits=splits,
             holdout=_holdout(kwargs.get("holdout"), splits, where),
             hf_revision=kwargs.get("hf_revision"),
@@ -207,13 +212,19 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def load_online(spec: DataSpec) -> datasets.DatasetDict:
-    # Asking for the splits by name downloads and prepares only theirs (not ANLI's large train splits).
-    try:
-        parts = datasets.load_dataset(spec.hf_path, spec.hf_name, split=list(spec.splits), revision=spec.hf_revision)
-    except ValueError as e:
-        if not str(e).startswith("Unknown split"):
-            raise
-        raise BadInput(f"data key {spec.key!r}: {spec.hf_path} ({spec.hf_name}): {str(e).splitlines()[0]}") from None
+    names = spec.hf_name if isinstance(spec.hf_name, tuple) else (spec.hf_name,)
+    configs = []
+    for name in names:
+        # Asking for the splits by name downloads and prepares only theirs (not ANLI's large train splits).
+        try:
+            configs.append(
+                datasets.load_dataset(spec.hf_path, name, split=list(spec.splits), revision=spec.hf_revision)
+            )
+        except ValueError as e:
+            if not str(e).startswith("Unknown split"):
+                raise
+            raise BadInput(f"data key {spec.key!r}: {spec.hf_path} ({name}): {str(e).splitlines()[0]}") from None
+    parts = [datasets.concatenate_datasets(list(split)) for split in zip(*configs, strict=True)]
     return datasets.DatasetDict(dict(zip(spec.splits, parts, strict=True)))
 
 
@@ -252,19 +263,19 @@ def source_identity(spec: DataSpec, root: Path | None = None) -> str:
 # ------------------------------------------------------------------------------------------- export
 
 
-def task_data_specs(manager, names: Iterable[str]) -> dict[str, DataSpec]:
-    """The data spec of every named task that loads its data through this module, from its YAML alone
+def task_data_specs(manager, names: Iterable[str]) -> dict[str, list[DataSpec]]:
+    """The data specs of every named task that loads its data through this module, from its YAML alone
     (nothing is built). Tasks with other data (generated, or lm-eval's own) are left out."""
     from pefteval_harness.tasks import task_config
 
     specs = {}
     for name in names:
         try:
-            spec = data_spec(task_config(manager, name))
+            found = data_specs(task_config(manager, name))
         except BadInput as e:
             raise BadInput(f"task {name!r}: {e}") from None
-        if spec is not None:
-            specs[name] = spec
+        if found:
+            specs[name] = found
     return specs
 
 
@@ -272,6 +283,22 @@ def data_spec(config: Mapping[str, Any]) -> DataSpec | None:
     """The data spec in a resolved task config; None for a task whose data this module does not load."""
     kwargs = config.get("dataset_kwargs")
     return DataSpec.from_kwargs(kwargs) if isinstance(kwargs, Mapping) and "data_key" in kwargs else None
+
+
+def paired_spec(spec: DataSpec, config_name: str) -> DataSpec:
+    """Another config of the spec's dataset, stored in the sibling folder named after it offline (FLORES's
+    languages: `flores101/en` and `flores101/fr`)."""
+    return replace(spec, key=str(PurePosixPath(spec.key).parent / config_name), hf_name=config_name, holdout=None)
+
+
+def data_specs(config: Mapping[str, Any]) -> list[DataSpec]:
+    """Every dataset a task reads: its spec and, for a paired task (dataset_kwargs.target: a second config
+    of the same dataset, as a translation pair's target language), the pair's other side."""
+    spec = data_spec(config)
+    if spec is None:
+        return []
+    target = config["dataset_kwargs"].get("target")
+    return [spec] if target is None else [spec, paired_spec(spec, str(target))]
 
 
 def merge_specs(specs: Iterable[DataSpec]) -> list[DataSpec]:

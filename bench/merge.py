@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MERGEKIT_PYTHON = Path("/work/.venvs/mergekit/bin/python")
+# mergekit pins its own dependencies: it lives in a virtualenv of its own (see bench/README.md)
+MERGEKIT_PYTHON = Path(os.environ.get("PEFTEVAL_MERGEKIT_PYTHON", "../mergekit-venv/bin/python"))
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 MAX_EXPERTS = 8
 SEED = 1234

@@ -177,6 +177,8 @@ class MergeSpec(MergeSettings):
     def _subsets_weigh_alike(self) -> MergeSpec:
         if self.subsets is not None and self.weights is not None:
             raise at("weights", "not with subsets: each subset's experts weigh alike (1.0 each)")
+        if self.theory is not None and self.space == "factor":
+            raise at("theory", "not in factor space: the quantities are of task vectors in weight space (delta_w)")
         if self.normalize_weights and self.weights is not None and abs(sum(self.weights)) < 1e-12:
             raise at("weights", "they sum to 0 and cannot be normalised (normalize_weights)")
         return self

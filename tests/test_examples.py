@@ -45,16 +45,20 @@ def test_the_small_example_compares_every_method_on_every_family():
     assert kinds["evaluate"] == (len(trained) + 1) * len(tasks)  # every model, base included, on every task
 
 
-def test_the_cluster_experiment_plans_offline_from_a_cached_base(tmp_path):
+def cached_hub(root, repo: str, model_type: str) -> dict[str, str | None]:
+    """The environment of a plan that finds `repo` in a HF cache under `root` (its config.json alone) and
+    reads its datasets from the hub, as a cluster does: no local data folder (a sample may lack some)."""
     revision = "1" * 40
-    cache = tmp_path / "hub" / "models--meta-llama--Llama-3.1-8B"
+    cache = root / "hub" / f"models--{repo.replace('/', '--')}"
     (cache / "snapshots" / revision).mkdir(parents=True)
-    (cache / "snapshots" / revision / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (cache / "snapshots" / revision / "config.json").write_text(json.dumps({"model_type": model_type}))
     (cache / "refs").mkdir()
     (cache / "refs" / "main").write_text(revision)
-    # The cluster reads its datasets from the hub: no local data folder (the sample here lacks some of them).
-    hub = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PEFTEVAL_DATA_DIR": None}
-    table = rows(plan("experiments/peft_vs_fft.yaml", **hub))
+    return {"HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1", "PEFTEVAL_DATA_DIR": None}
+
+
+def test_the_cluster_experiment_plans_offline_from_a_cached_base(tmp_path):
+    table = rows(plan("experiments/peft_vs_fft.yaml", **cached_hub(tmp_path, "meta-llama/Llama-3.1-8B", "llama")))
     kinds = Counter(row[1] for row in table)
     assert kinds["train"] == 14 * (1 + 4 + 2 + 11 + 3 + 2)  # 14 training tasks x models per task
     assert kinds["analyze"] == kinds["train"]
@@ -69,3 +73,32 @@ def test_the_cluster_experiment_plans_offline_from_a_cached_base(tmp_path):
         "pefteval_adv_anli_r1", "pefteval_adv_anli_r2", "pefteval_adv_anli_r3", "pefteval_adv_hans",
     }  # fmt: skip
     assert all("1 GPU" in row[5] for row in table if row[1] in ("train", "evaluate"))
+
+
+def test_the_small_merge_scaling_example_merges_every_k_with_four_methods():
+    spec = yaml.safe_load((REPO / "examples/merge_scaling_small.yaml").read_text())
+    table = rows(plan("examples/merge_scaling_small.yaml"))
+    kinds = Counter(row[1] for row in table)
+    assert kinds["train"] == 8  # the pool of experts
+    merged = [row[2] for row in table if row[1] == "merge"]
+    methods = {label.split("[")[0] for label in merged}
+    assert methods == set(spec["merges"]) and len(methods) >= 4
+    assert kinds["merge"] == len(methods) * 6 * 4  # k = 1..6, four subsets each
+    assert {f"rht[k={k},s=4]" for k in range(1, 7)} <= set(merged)
+    tasks = {row[3] for row in table if row[1] == "evaluate"}
+    assert kinds["evaluate"] == (kinds["merge"] + 1) * len(tasks)  # every merge and the base on every task
+
+
+def test_the_merge_scaling_experiment_plans_offline_from_a_cached_base(tmp_path):
+    table = rows(plan("experiments/merge_scaling.yaml", **cached_hub(tmp_path, "google/gemma-2-2b-it", "gemma2")))
+    kinds = Counter(row[1] for row in table)
+    trained = {row[2] for row in table if row[1] == "train"}
+    assert len(trained) == 10 and all(label.startswith("expert/pefteval_tulu_") for label in trained)
+    merged = [row[2] for row in table if row[1] == "merge"]
+    assert kinds["merge"] == 8 * (9 * 3 + 1)  # 8 merge entries; k = 1..9 three subsets each, k = 10 the one
+    assert "rht_factor[k=10,s=1]" in merged and "ties[k=7,s=3]" in merged
+    tasks = {row[3] for row in table if row[1] == "evaluate"}
+    assert {"pefteval_merge_mmlu", "pefteval_merge_mbpp", "pefteval_merge_mgsm_sw", "pefteval_merge_drop"} <= tasks
+    assert kinds["evaluate"] == (kinds["merge"] + 1) * len(tasks)  # the base and every merge, every task
+    assert all("1 GPU" in row[5] for row in table if row[1] in ("train", "evaluate"))
+    assert all("GPU" not in row[5] for row in table if row[1] == "merge")

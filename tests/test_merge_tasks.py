@@ -1,7 +1,7 @@
-"""The model-merging benchmarks (pefteval_merge_*), part A: knowledge and math. Their `Answer: X` parsing on
+"""The model-merging benchmarks (pefteval_merge_*) of knowledge and math. Their `Answer: X` parsing on
 hand-written model outputs, the tasks built by lm-eval from the catalogue's real records (PEFTEVAL_DATA_DIR;
 those tests skip when it is unset), scored through their own YAML hooks, run on the tiny model, and found by
-stock `lm_eval validate` (every pefteval_merge_* task, part B's too).
+stock `lm_eval validate` (every pefteval_merge_* task, the code, reading, translation and dialogue ones too).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ CHOICE_KEYS = ["mmlu", "mmlu_pro", "arc_challenge", "commonsense_qa"]
 GENERATIVE = [f"pefteval_merge_{k}" for k in [*CHOICE_KEYS, "gsm8k", "math"]] + MGSM
 LOGLIKELIHOOD = [f"pefteval_merge_{k}_mc" for k in CHOICE_KEYS]
 OURS = GENERATIVE + LOGLIKELIHOOD
-# Part B's members of the groups (its own folder files and tests).
+# The other members of the groups (code, reading, translation, dialogue: tests/test_merge_tasks_text.py).
 PART_B = ["pefteval_merge_mbpp", "pefteval_merge_drop", "pefteval_merge_meld", "pefteval_merge_emorynlp"]
 PART_B_MC = ["pefteval_merge_meld_mc", "pefteval_merge_emorynlp_mc"]
 LM_EVAL = str(Path(sys.executable).parent / "lm_eval")
@@ -185,7 +185,7 @@ def test_tasks_and_groups_resolve_from_the_index():
     for lang, name in zip(LANGUAGES, MGSM, strict=True):
         kwargs = task_config(manager, name)["dataset_kwargs"]
         assert (kwargs["data_key"], kwargs["hf_path"], kwargs["hf_name"]) == (f"mgsm/{lang}", "juletxara/mgsm", lang)
-    # The groups name their members (part B's included) exactly.
+    # The groups name their members exactly.
     merge12 = manager.task_index["pefteval-merge12"].cfg["task"]
     assert merge12 == [*GENERATIVE[:6], "pefteval-merge-mgsm", *PART_B[:2], "pefteval-merge-flores101", *PART_B[2:]]
     assert manager.task_index["pefteval-merge12-mc"].cfg["task"] == LOGLIKELIHOOD + PART_B_MC
@@ -194,7 +194,7 @@ def test_tasks_and_groups_resolve_from_the_index():
 def test_the_twelve_benchmark_groups_resolve_with_part_b():
     manager = task_manager()
     missing = [n for n in [*PART_B, *PART_B_MC, "pefteval-merge-flores101"] if n not in manager.task_index]
-    assert not missing, f"part B's tasks are not in task_configs/merge12 yet: {missing}"
+    assert not missing, f"tasks missing from task_configs/merge12: {missing}"
     names = resolve_tasks(["pefteval-merge12"]).names
     assert names[:6] == GENERATIVE[:6] and names[6:17] == MGSM and set(PART_B) <= set(names)
     assert all(n.startswith("pefteval_merge_flores101_") for n in names if n not in GENERATIVE + PART_B)

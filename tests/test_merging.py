@@ -589,6 +589,7 @@ def test_side_files_skip_weights(tmp_path):
     (base / "tokenizer.json").write_text("{}")
     out = merge_models(method="task_arithmetic", experts=[base], base=base, out_dir=tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "merge_config.json",
         "model.safetensors",

@@ -94,6 +94,8 @@ def test_subsets_are_reproducible_and_distinct():
         ("{method: slerp, experts: expert}", "merges.m: merge method 'slerp' takes exactly 2 experts, got 4"),
         ("{method: ties, experts: expert, theory: {width_samples: 1}}", "merges.m.theory.width_samples"),
         ("{method: ties, experts: expert, parameters: {density: 1.5}}", "merges.m.parameters"),
+        ("{method: dare_ties, experts: expert, parameters: {drop: 0.1}}", "unknown parameter 'drop'"),
+        ("{method: rht, experts: expert, space: factor, theory: true}", "merges.m.theory: not in factor space"),
     ],
 )
 def test_bad_scaling_sweeps_are_one_line_before_anything_runs(tmp_path, capsys, merge, message):

@@ -33,7 +33,7 @@ def merge(job: Job, store: Store) -> dict:
         params=config.parameters,
         space=config.space,
         seed=config.seed,
-        observer=None if theory is None else theory.observe,
+        observer=theory,
     )
     result = {"method": config.method, "experts": config.experts, "space": config.space}
     if theory is not None:

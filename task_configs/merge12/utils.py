@@ -1,4 +1,4 @@
-"""lm-eval hooks of the model-merging benchmarks, part A (pefteval_merge_*: knowledge and math): data, the
+"""lm-eval hooks of the model-merging benchmarks (pefteval_merge_*) of knowledge and math: data, the
 authors' zero-shot prompts, and the scoring of their `Answer: X` protocol.
 
 The prompts are the wording of the evaluators of "Why Do More Experts Fail? A Theoretical Analysis of Model

@@ -136,9 +136,10 @@ def execute(plan: Plan, store: Store, max_retries: int = 1, tasks_per_worker: in
 
     def done_in_store(job: Job) -> bool:
         """Done, and its artifact there unless no pending job reads it (a deleted one is then rebuilt)."""
-        if not store.is_done(job.id):
+        status = store.status(job.id) or {}
+        if status.get("state") != DONE:
             return False
-        return not store.artifact_deleted(job.id) or all(store.is_done(r) for r in readers.get(job.id, []))
+        return not status.get("artifact_deleted") or all(store.is_done(r) for r in readers.get(job.id, []))
 
     def delete_spent_artifacts(settled: Job) -> None:
         """`keep_model: false`: a merged model goes once every job that reads it is settled."""

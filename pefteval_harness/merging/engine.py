@@ -67,8 +67,8 @@ def _kind(folder: Path) -> str:
     raise BadInput(f"{folder}: neither a model folder (config.json) nor a peft adapter (adapter_config.json)")
 
 
-def _adapter_config(folder: Path) -> dict[str, Any]:
-    path = folder / "adapter_config.json"
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object (a config); BadInput naming the file otherwise."""
     try:
         config = json.loads(path.read_text())
     except ValueError as e:
@@ -76,6 +76,10 @@ def _adapter_config(folder: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise BadInput(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
+
+
+def _adapter_config(folder: Path) -> dict[str, Any]:
+    return _json_object(folder / "adapter_config.json")
 
 
 def _lora_pairs(tensors: SafetensorsReader) -> dict[str, tuple[str, str]]:
@@ -121,12 +125,7 @@ def _config_fields(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as e:
-        raise BadInput(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise BadInput(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config = _json_object(path)
     fields = {key: config[key] for key in _ARCHITECTURE_FIELDS if config.get(key) is not None}
     text = config.get("text_config")
     if isinstance(text, dict):  # multimodal configs keep the language model's vocabulary here

@@ -265,8 +265,9 @@ def task_identity(manager, name: str, config: dict | None = None) -> str:
     from pefteval_harness.tasks.data import data_specs, source_identity
 
     config = task_config(manager, name) if config is None else config
-    specs = data_specs(config)
-    data = [source_identity(spec) for spec in specs] if len(specs) > 1 else source_identity(specs[0]) if specs else None
+    identities = [source_identity(spec) for spec in data_specs(config)]
+    # One dataset is hashed as its identity alone (as before paired datasets existed: stored ids stay valid).
+    data = identities[0] if len(identities) == 1 else identities or None
     text = json.dumps({"config": config, "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

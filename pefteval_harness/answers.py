@@ -152,8 +152,11 @@ def choice_letter(text: str, n_choices: int) -> int | None:
     beyond the `n_choices` options ("E" of four) is no answer either: None.
     """
     value = answer_line(text, position="first")
-    if value is None:
-        return None
+    return _leading_choice(value, n_choices) if value is not None else None
+
+
+def _leading_choice(value: str, n_choices: int) -> int | None:
+    """The option index named by the letter `value` starts with (see `choice_letter`), or None."""
     inner = boxed(value)
     value = _TEXT_COMMAND.sub(r"\1", inner if inner is not None else value).strip()
     match = _LEADING_LETTER.match(value)
@@ -330,3 +333,38 @@ def _format_rational(value: Fraction) -> str:
         return str(value.numerator)
     sign = "-" if value < 0 else ""
     return f"{sign}\\frac{{{abs(value.numerator)}}}{{{value.denominator}}}"
+
+
+# --- The affective classification tasks (task_configs/affective) ----------------------------------------
+# One rule serves the plain generative form (the reply after the prompt's own "Answer:" holds no marker)
+# and chain of thought (whose `cot` filter keeps the text after the last marker): the label is read from
+# the last `Answer:` line when there is one, else from the whole text.
+
+
+def affect_label(text: str, labels: Sequence[str]) -> str | None:
+    """The label word a model gave, spelt as in `labels`, or None.
+
+    Rule: if `text` holds an `Answer:` marker (the word "answer" in any case and a colon, as `answer_line`
+    finds it), the first of `labels` in the value of the LAST marker (the rest of its line; an empty value
+    or one naming no label gives None, even if a label occurs elsewhere); otherwise the first of `labels`
+    anywhere in the text. Labels match as `find_label` matches them: case ignored, whole words, the longer
+    of two overlapping labels winning ("not offensive" is not "offensive").
+    """
+    if _ANSWER_LINE.search(text) is None:
+        return find_label(text, labels, "first")
+    value = answer_line(text, "last")
+    return find_label(value, labels, "first") if value is not None else None
+
+
+def affect_choice(text: str, n_choices: int) -> int | None:
+    """The option index (0 for A) a model chose among `n_choices` lettered options, or None.
+
+    Rule: the value of the LAST `Answer:` marker if the text holds one, else the whole text (stripped of
+    whitespace and markdown wrapping), must start with an option letter as `choice_letter` reads it
+    ("B", "(b)", "**C**", "D) Paris"); a letter beyond the options is no answer.
+    """
+    if _ANSWER_LINE.search(text) is None:
+        value = text.strip(_VALUE_WRAPPING + "\n")
+        return _leading_choice(value, n_choices) if value else None
+    value = answer_line(text, "last")
+    return _leading_choice(value, n_choices) if value is not None else None

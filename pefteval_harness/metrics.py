@@ -502,3 +502,56 @@ def meld_choice_results(doc: dict, results: Sequence[tuple[float, bool]]) -> dic
 def emorynlp_choice_results(doc: dict, results: Sequence[tuple[float, bool]]) -> dict[str, Any]:
     """EmoryNLP by log-likelihood (`emotion_choice_results`)."""
     return emotion_choice_results(doc, results, EMORYNLP_EMOTIONS)
+
+
+# --- Affective understanding ------------------------------------------------------------------------
+# The classification tasks of task_configs/affective: items are (gold label word, predicted label word or
+# None), as above; each task's YAML names the aggregations its official convention reports.
+
+TWEET_IRONY_LABELS = ("not ironic", "ironic")  # tweet_eval irony ids 0 non_irony, 1 irony
+TWEET_STANCE_LABELS = ("none", "against", "favor")  # tweet_eval stance ids 0 none, 1 against, 2 favor
+
+
+def macro_recall(items: Iterable[Item]) -> float:
+    """Macro-averaged recall (unweighted mean of per-class recall) over every class that occurs as a gold
+    label or a parsed prediction, as scikit-learn's `recall_score(average="macro")` (a class never gold
+    has recall 0). TweetEval's sentiment metric."""
+    from sklearn.metrics import recall_score
+
+    golds, preds, labels = _encoded(items)
+    return float(recall_score(golds, preds, labels=labels, average="macro", zero_division=0))
+
+
+def irony_f1(items: Iterable[Item]) -> float:
+    """F1 of the irony class alone (TweetEval's irony metric): `class_f1` of "ironic"."""
+    return class_f1(items, [TWEET_IRONY_LABELS[1]])
+
+
+def stance_f1(items: Iterable[Item]) -> float:
+    """Mean of the F1 of "against" and of "favor" (TweetEval's and SemEval-2016's stance metric); "none"
+    is a class of the predictions and golds but has no F1 of its own in the mean."""
+    return class_f1(items, list(TWEET_STANCE_LABELS[1:]))
+
+
+def _label_metrics(gold: str, prediction: str | None, metrics: Sequence[str]) -> dict[str, Any]:
+    # `acc` is a per-document score (aggregate with `mean`); every other metric is a corpus-level
+    # aggregation over (gold, pred) items.
+    return {name: float(prediction == gold) if name == "acc" else (gold, prediction) for name in metrics}
+
+
+def label_generation_results(gold: str, prediction: str | None, metrics: Sequence[str]) -> dict[str, Any]:
+    """A generative classification document's results: each of `metrics` (`acc` as 0/1, the others as a
+    (gold, pred) item), and `parsed` (1.0 when a label was read; a None prediction is wrong, never raised)."""
+    return {**_label_metrics(gold, prediction, metrics), "parsed": float(prediction is not None)}
+
+
+def label_choice_results(
+    gold: str, labels: Sequence[str], results: Sequence[tuple[float, bool]], metrics: Sequence[str]
+) -> dict[str, Any]:
+    """A log-likelihood classification document's results: the prediction is the label whose continuation
+    the model finds most likely (`results`: lm-eval's (loglikelihood, is_greedy) per label, in `labels`
+    order; the first of equals wins); each of `metrics` as in `label_generation_results`, no `parsed`."""
+    if len(results) != len(labels):
+        raise ValueError(f"{len(results)} log-likelihoods for {len(labels)} labels")
+    scores = [float(ll) for ll, _ in results]
+    return _label_metrics(gold, labels[scores.index(max(scores))], metrics)

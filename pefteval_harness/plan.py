@@ -37,6 +37,7 @@ from pefteval_harness.jobs.types import (
     EvaluateConfig,
     HubRef,
     Job,
+    JudgeConfig,
     Lineage,
     LoadedModel,
     LocalRef,
@@ -45,6 +46,7 @@ from pefteval_harness.jobs.types import (
     ModelRef,
     Resources,
     TrainConfig,
+    identity_fields,
 )
 from pefteval_harness.provenance import numeric_versions
 from pefteval_harness.spec import BASE_LABEL, TINY, Spec
@@ -70,7 +72,7 @@ class Plan:
         identity = json.dumps(
             {
                 "label": label,
-                "config": config.model_dump(mode="json"),
+                "config": identity_fields(config),
                 "implementation": JOB_KINDS[config.kind].version,
                 "versions": numeric_versions(),
             },
@@ -105,7 +107,7 @@ class Plan:
 
         labels = {j.id: f"{j.kind}:{j.label}" for j in self.jobs}
         rows = [
-            [j.id, j.kind, j.label, getattr(j.config, "task", ""), ", ".join(labels[d] for d in j.deps) or "-"]
+            [j.id, j.kind, j.label, _task_shown(j.config), ", ".join(labels[d] for d in j.deps) or "-"]
             + [_resources(j.resources)]
             for j in self.jobs
         ]
@@ -115,6 +117,13 @@ class Plan:
         headers = ["job id", "kind", "model", "task", "after", "resources"]
         table = tabulate(rows, headers=headers, tablefmt="github")
         return f"plan for {self.spec.name!r}: {len(self.jobs)} jobs ({counts})\n\n{table}"
+
+
+def _task_shown(config) -> str:
+    """An evaluation's task, with its prompting strategy when it has one: `pefteval_affect_sst2_gen (cot)`."""
+    strategy = getattr(config, "strategy", None)
+    task = getattr(config, "task", "")
+    return f"{task} ({strategy.name})" if strategy is not None else task
 
 
 def _resources(r: Resources) -> str:
@@ -152,25 +161,31 @@ def _lineage(spec: Spec, label: str, method: str, **fields) -> Lineage:
 
 
 def _base_reference(spec: Spec, plan: Plan) -> tuple[ModelRef, list[str]]:
-    """How jobs find the base model: a job of this plan (tiny), a local folder, or a pinned hub revision."""
-    name = spec.base_model
+    """How jobs find the base model."""
+    return _model_reference(spec, plan, spec.base_model, "base_model")
+
+
+def _model_reference(spec: Spec, plan: Plan, name: str, where: str) -> tuple[ModelRef, list[str]]:
+    """How jobs find a model the spec names (the base, a judge), and the jobs that make it: a job of this
+    plan (tiny), a local folder, or a pinned hub revision."""
     if name == TINY:
         config = BaseConfig(fingerprint=tiny_model.fingerprint())
-        job = plan.add(BASE_LABEL, _lineage(spec, BASE_LABEL, "base"), config, spec.resources.merge)
+        made = next((job for job in plan.jobs if job.config == config), None)
+        job = made or plan.add(BASE_LABEL, _lineage(spec, BASE_LABEL, "base"), config, spec.resources.merge)
         return ArtifactRef(job=job.id), [job.id]
     path = Path(name)
     if path.is_absolute() and path.exists():  # the spec made local folders absolute
         if not (path / "config.json").is_file():
-            raise BadInput(f"base_model: {name} is not a model folder (no config.json)")
+            raise BadInput(f"{where}: {name} is not a model folder (no config.json)")
         # Changing the weights in place must change the ids: fingerprint the folder's files.
         stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
         return LocalRef(path=name, fingerprint=hashlib.sha256(repr(stats).encode()).hexdigest()[:16]), []
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise BadInput(f"base_model: no such model folder {name!r} (and not a hub id like org/name)")
-    return HubRef(repo=name, revision=_hub_revision(name)), []
+        raise BadInput(f"{where}: no such model folder {name!r} (and not a hub id like org/name)")
+    return HubRef(repo=name, revision=_hub_revision(name, where)), []
 
 
-def _hub_revision(repo: str) -> str:
+def _hub_revision(repo: str, where: str = "base_model") -> str:
     """The commit a hub model resolves to now: from the local HF cache offline, else from the hub."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -178,13 +193,13 @@ def _hub_revision(repo: str) -> str:
     if isinstance(cached, str):  # .../snapshots/<commit>/config.json
         return Path(cached).parent.name
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise BadInput(f"base_model: {repo!r} is not a local folder and not in the HF cache (HF_HUB_OFFLINE=1)")
+        raise BadInput(f"{where}: {repo!r} is not a local folder and not in the HF cache (HF_HUB_OFFLINE=1)")
     from huggingface_hub import HfApi
 
     try:
         return HfApi().model_info(repo).sha
     except Exception as e:  # not found, gated, no network: all bad input for this spec
-        raise BadInput(f"base_model: cannot resolve {repo!r} on the HuggingFace hub ({type(e).__name__})") from None
+        raise BadInput(f"{where}: cannot resolve {repo!r} on the HuggingFace hub ({type(e).__name__})") from None
 
 
 def _tasks(patterns: list[str], where: str, spec: Spec, plan: Plan):
@@ -221,6 +236,10 @@ def _config(plan: Plan, selection, task: str) -> dict:
     if task not in plan.task_configs:
         plan.task_configs[task] = task_config(selection.manager, task)
     return plan.task_configs[task]
+
+
+def _metadata(plan: Plan, selection, task: str) -> dict:
+    return _config(plan, selection, task).get("metadata") or {}
 
 
 def _identity(plan: Plan, selection, task: str) -> str:
@@ -410,7 +429,7 @@ def _check_labels_unique(trained: dict[str, list[Job]], merged: list[Job]) -> No
 
 
 def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
-    """One evaluation job per (model, task), with the task's own settings."""
+    """One evaluation job per (model, task, prompting strategy), with the task's own settings."""
     from pefteval_harness.tasks import check_evaluate_arguments
 
     selection = _tasks(spec.evaluate.tasks, "evaluate.tasks", spec, plan)
@@ -424,6 +443,8 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
     )
     _check_data(plan, selection, selection.names, "evaluate.tasks", training=False)
     identities = {task: _identity(plan, selection, task) for task in selection.names}
+    strategies = _strategies_by_task(spec, plan, selection)
+    judges = _judges(spec, plan, selection, models)
     taught_by = {}
     if spec.evaluate.trained_tasks_only:
         from pefteval_harness.tasks import trained_by
@@ -436,7 +457,10 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
             if not tasks:
                 trained = ", ".join(model.lineage.trained_on)
                 raise BadInput(f"evaluate.trained_tasks_only: {model.label} is trained on {trained}, none evaluated")
-        for task in tasks:
+        for strategy, task in itertools.product(spec.evaluate.strategies or [None], tasks):
+            if task not in strategies.get(strategy.name if strategy else None, tasks):
+                continue
+            judge, judge_deps = judges.get(task, (None, []))
             config = EvaluateConfig(
                 task=task,
                 task_identity=identities[task],
@@ -445,5 +469,73 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
                 seed=spec.seed,
                 trust_remote_code=spec.trust_remote_code,
                 include_paths=spec.include_paths,
+                strategy=strategy,
+                judge=judge,
             )
-            plan.add(model.label, model.lineage, config, spec.resources.evaluate, model.deps)
+            plan.add(model.label, model.lineage, config, spec.resources.evaluate, model.deps + judge_deps)
+
+
+def _strategies_by_task(spec: Spec, plan: Plan, selection) -> dict[str, list[str]]:
+    """Strategy name -> the evaluated tasks it applies to (a task's `metadata.strategies`); a k-shot pool
+    larger than a task's local few-shot split is bad input now, not a failed job later."""
+    from pefteval_harness.prompting import KShot, few_shot_split
+
+    applies: dict[str, list[str]] = {}
+    for i, strategy in enumerate(spec.evaluate.strategies):
+        where = f"evaluate.strategies[{i}] ({strategy.name})"
+        configs = {task: _config(plan, selection, task) for task in selection.names}
+        applies[strategy.name] = [task for task, config in configs.items() if strategy.applies_to(task, config)]
+        if not applies[strategy.name]:
+            raise BadInput(f"{where}: applies to none of the evaluated tasks (see their metadata.strategies)")
+        if isinstance(strategy, KShot):
+            for task in applies[strategy.name]:
+                available = _local_records(configs[task], few_shot_split(configs[task]))
+                if available is not None and available < strategy.pool_size:
+                    raise BadInput(
+                        f"{where}: k-shot needs a pool of {strategy.pool_size} examples, but {task}'s few-shot"
+                        f" split has {available} records in PEFTEVAL_DATA_DIR"
+                    )
+    return applies
+
+
+def _local_records(config: dict, split: str | None) -> int | None:
+    """Records of a task's split in PEFTEVAL_DATA_DIR (0 when its file is missing); None when the data
+    come from the hub or are generated (counted only when the job loads them)."""
+    from pefteval_harness.tasks.data import data_dir, data_specs
+
+    root = data_dir()
+    files = [data.local_file(root, split) for data in data_specs(config) if split in data.splits] if root else []
+    if not files:
+        return None
+    return sum(sum(1 for line in path.open(encoding="utf-8") if line.strip()) for path in files if path.is_file())
+
+
+def _judges(spec: Spec, plan: Plan, selection, models: list[_Model]) -> dict[str, tuple[JudgeConfig, list[str]]]:
+    """Task -> the judge of its replies and the jobs that make the judge model, for the judged tasks."""
+    judge = spec.evaluate.judge
+    if judge is None:
+        return {}
+    from pefteval_harness.judge import DEFAULT_RUBRIC
+
+    if judge.tasks is None:
+        judged = [t for t in selection.names if _metadata(plan, selection, t).get("affect") == "generation"]
+        if not judged:
+            raise BadInput("evaluate.judge: no evaluated task is a generation task (metadata.affect): name its tasks")
+    else:
+        judged = []
+        for pattern in judge.tasks:
+            matched = fnmatch.filter(selection.names, pattern)
+            if not matched:
+                raise BadInput(f"evaluate.judge.tasks: {pattern!r} matches none of the evaluated tasks")
+            judged += [t for t in matched if t not in judged]
+    for task in judged:
+        if _config(plan, selection, task).get("output_type") != "generate_until":
+            raise BadInput(f"evaluate.judge.tasks: {task} is not generative: there are no replies to judge")
+    reference, deps = _model_reference(spec, plan, judge.model, "evaluate.judge.model")
+    config = JudgeConfig(
+        model=reference,
+        rubric=judge.rubric or DEFAULT_RUBRIC,
+        max_new_tokens=judge.max_new_tokens,
+        batch_size=judge.batch_size,
+    )
+    return {task: (config, deps) for task in judged}

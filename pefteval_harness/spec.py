@@ -31,6 +31,7 @@ from pefteval_harness.jobs.types import (
     _Frozen,
 )
 from pefteval_harness.merging.config import MergeSettings
+from pefteval_harness.prompting import StrategyConfig, parse_strategy
 
 TINY = "tiny"
 BASE_LABEL = "base"
@@ -199,10 +200,40 @@ class MergeSpec(MergeSettings):
         return [v] if isinstance(v, str) else v
 
 
+def local_model_name(name: str, info: ValidationInfo) -> str:
+    """A model the spec names: an existing folder as an absolute path (relative to the spec's folder),
+    anything else (tiny, a hub id, a missing folder: the plan says which) as written."""
+    path = resolve_path(name, info)
+    return str(path) if name != TINY and path.exists() else name
+
+
+class JudgeSpec(_Frozen):
+    """An LLM-as-judge for generated replies: a local model scores each on a rubric (off if absent)."""
+
+    model: str = Field(description="a model folder, a hub id, or tiny (the embedded model: for tests)")
+    tasks: list[str] | None = Field(
+        None, description="task names or globs to judge (default: the evaluated tasks of metadata.affect generation)"
+    )
+    rubric: str | None = Field(None, description="the rubric the judge is given (default: judge.DEFAULT_RUBRIC)")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+    @field_validator("model")
+    @classmethod
+    def _local_model_is_absolute(cls, name: str, info: ValidationInfo) -> str:
+        return local_model_name(name, info)
+
+
 class EvaluateSpec(EvaluateSettings):
     """Evaluation settings for every task, and overrides for tasks matching a name or glob."""
 
     tasks: list[str] = Field(min_length=1, description="task names, globs or groups")
+    strategies: list[StrategyConfig] = Field(
+        default_factory=list,
+        description="prompting strategies (zero_shot, k_shot, cot), each crossed with every model and task;"
+        " none: each task as its YAML states it",
+    )
+    judge: JudgeSpec | None = None
     include_base: bool = True
     trained_tasks_only: bool = Field(
         False,
@@ -213,10 +244,31 @@ class EvaluateSpec(EvaluateSettings):
         default_factory=dict, description="task name or glob -> settings that differ for those tasks"
     )
 
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategy_kinds(cls, entries: Any) -> Any:
+        if not isinstance(entries, list):
+            return entries
+        parsed = []
+        for i, entry in enumerate(entries):
+            try:
+                parsed.append(parse_strategy(entry))
+            except ValueError as e:
+                raise at(f"[{i}]", str(e)) from None
+        return parsed
+
     @model_validator(mode="after")
     def _overrides_are_settings(self) -> EvaluateSpec:
         for pattern in self.per_task:
-            self.settings_for(pattern)
+            settings = self.settings_for(pattern)
+            if self.strategies and settings.num_fewshot is not None:
+                raise at(f"per_task.{pattern}.num_fewshot", "not with strategies: each strategy sets the shots")
+        names = [strategy.name for strategy in self.strategies]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise at(f"strategies[{i}].name", f"{name!r} is used twice (give one a name:)")
+        if self.strategies and self.num_fewshot is not None:
+            raise at("num_fewshot", "not with strategies: each strategy sets the shots (k_shot's k)")
         return self
 
     def settings_for(self, task: str) -> EvaluateSettings:
@@ -280,8 +332,7 @@ class Spec(_Frozen):
     @field_validator("base_model")
     @classmethod
     def _local_base_is_absolute(cls, name: str, info: ValidationInfo) -> str:
-        path = resolve_path(name, info)
-        return str(path) if name != TINY and path.exists() else name
+        return local_model_name(name, info)
 
     @field_validator("output")
     @classmethod

@@ -20,7 +20,7 @@ import functools
 from pefteval_harness.jobs import load_kwargs, model_path, prefer_safetensors
 from pefteval_harness.jobs.types import Job
 from pefteval_harness.store import Store
-from pefteval_harness.tasks import manager_for
+from pefteval_harness.tasks import build_task, manager_for
 
 
 def lm_eval_model_args(job: Job, store: Store) -> dict:
@@ -90,6 +90,8 @@ def split_results(results: dict, task: str) -> dict:
         raise RuntimeError(f"lm-eval returned no results for {task}")
     shared = {k: v for k, v in results.items() if k not in _PER_TASK_KEYS and k not in ("groups", "samples")}
     own = {k: {task: results[k][task]} if task in results.get(k, {}) else {} for k in _PER_TASK_KEYS}
+    if "samples" in results:  # logged for a judge
+        own["samples"] = {task: results["samples"].get(task, [])}
     return {**own, **shared}
 
 
@@ -121,11 +123,13 @@ def evaluate_batch(jobs: list[Job], store: Store) -> dict[str, dict | BaseExcept
     same_settings: dict[str, list[Job]] = {}
     for job in jobs:
         try:
-            built[job.id] = manager.load([job.config.task])["tasks"][job.config.task]
+            built[job.id] = build_strategy_task(manager, job)
         except Exception as e:
             results[job.id] = e
             continue
-        key = job.config.settings.model_dump_json() + str(job.config.seed)
+        # One call scores tasks of one name once: a task under two strategies goes to two calls.
+        config = job.config
+        key = config.model_dump_json(include={"settings", "seed", "strategy", "judge"})
         same_settings.setdefault(key, []).append(job)
     for together in same_settings.values():
         try:
@@ -141,10 +145,52 @@ def evaluate_batch(jobs: list[Job], store: Store) -> dict[str, dict | BaseExcept
                     results[job.id] = split_results(result, job.config.task)
                 except Exception as error:
                     results[job.id] = error
-    for result in results.values():
-        if isinstance(result, dict):
-            result["config"] = {**result.get("config", {}), "model_args": model_args}
+    for job in jobs:
+        result = results.get(job.id)
+        if not isinstance(result, dict):
+            continue
+        result["config"] = {**result.get("config", {}), "model_args": model_args}
+        if job.config.judge is not None:
+            try:
+                _judge(job, result, store, device)
+            except Exception as e:
+                results[job.id] = e
+        result.pop("samples", None)  # logged for the judge only: lm-eval's results JSON as before
     return results
+
+
+def build_strategy_task(manager, job: Job):
+    """The job's lm-eval task, with its prompting strategy's config overrides applied (built twice then:
+    a strategy may read the built task, such as its few-shot docs)."""
+    name = job.config.task
+    task = build_task(manager, name)
+    strategy = job.config.strategy
+    if strategy is not None and (overrides := strategy.overrides(task, job.config.seed)):
+        task = build_task(manager, name, overrides)
+    return task
+
+
+def _judge(job: Job, result: dict, store: Store, device: str) -> None:
+    """Score the job's generated replies with its judge model; the metrics join lm-eval's, the prompts and
+    raw judgements are kept in the result (`pefteval_judge`)."""
+    from pefteval_harness.judge import judge_samples, judgement_records
+
+    judge, task = job.config.judge, job.config.task
+    path = model_path(judge.model, store)
+    model_args = {"pretrained": path, "trust_remote_code": job.config.trust_remote_code, **load_kwargs(judge.model)}
+    metrics, judgements = judge_samples(
+        (result.get("samples") or {}).get(task, []),
+        {**model_args, **prefer_safetensors(path)},
+        rubric=judge.rubric,
+        max_new_tokens=judge.max_new_tokens,
+        batch_size=judge.batch_size,
+        device=device,
+    )
+    for name, value in metrics.items():  # as lm-eval reports an unfiltered metric
+        result["results"][task][f"{name},none"] = value
+        result.setdefault("higher_is_better", {}).setdefault(task, {})[name] = True
+    records = judgement_records(judgements)
+    result["pefteval_judge"] = {"model": model_args, "rubric": judge.rubric, "judgements": records}
 
 
 def _simple_evaluate(lm, jobs: list[Job], tasks: list, manager) -> dict:
@@ -153,16 +199,19 @@ def _simple_evaluate(lm, jobs: list[Job], tasks: list, manager) -> dict:
 
     config = jobs[0].config
     seed = config.seed
+    settings = config.settings.model_dump(exclude={"batch_size"})
+    if config.strategy is not None:
+        settings["num_fewshot"] = config.strategy.shots()
     result = simple_evaluate(
         model=lm,
         tasks=tasks,
         task_manager=manager,  # without it lm-eval indexes all of its built-in tasks (seconds)
-        log_samples=False,
+        log_samples=config.judge is not None,  # the judge reads the generated replies
         random_seed=seed,
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        **config.settings.model_dump(exclude={"batch_size"}),
+        **settings,
     )
     if result is None:  # lm-eval returns None off rank 0 (LOCAL_RANK set by a launcher)
         raise RuntimeError("lm-eval returned no results: is LOCAL_RANK set to a non-zero rank?")

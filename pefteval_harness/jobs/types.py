@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pefteval_harness.prompting import StrategyConfig
+
 PLAN_SCHEMA = 2  # bump when plan.json / job.json change shape; older stores are refused with a message
 
 
@@ -169,6 +171,15 @@ class MergeConfig(_Frozen):
     theory: TheorySettings | None = None
 
 
+class JudgeConfig(_Frozen):
+    """A local model that scores generated replies on a rubric (see `pefteval_harness.judge`)."""
+
+    model: ModelRef
+    rubric: str
+    max_new_tokens: int
+    batch_size: int
+
+
 class EvaluateConfig(_Frozen):
     kind: Literal["evaluate"] = "evaluate"
     task: str
@@ -178,6 +189,19 @@ class EvaluateConfig(_Frozen):
     seed: int
     trust_remote_code: bool
     include_paths: list[str]
+    strategy: StrategyConfig | None = None  # None: the task as its YAML states it (no strategy axis)
+    judge: JudgeConfig | None = None
+
+
+# Fields added to job configs after plan schema 2: left out of a job's identity while unset, so the ids
+# of jobs that do not use them stay what they were (and stores keep their results).
+OPTIONAL_IDENTITY_FIELDS = ("strategy", "judge")
+
+
+def identity_fields(config: BaseModel) -> dict[str, Any]:
+    """A job config as its id hashes it."""
+    unset = {name for name in OPTIONAL_IDENTITY_FIELDS if getattr(config, name, None) is None}
+    return config.model_dump(mode="json", exclude=unset & set(type(config).model_fields))
 
 
 class AnalysisSettings(_Frozen):

@@ -11,8 +11,9 @@ re-reported anywhere, and results of a plain `lm_eval --output_path` run join th
 json is a list of every record (all `Record` fields); csv is every record, one column per field in
 `records.FIELDS` order (lists joined with ";", `sweep` as a JSON object, None empty); markdown is the pivot a
 reader wants, in sections that appear only when their records exist: the scores (condensed to group
-aggregates when there are many tasks), one table per task family, robustness gaps, training costs, weight
-updates, failures, and links to the plots (`plots.py`).
+aggregates when there are many tasks), one table per task family, the affective sections (`affective.py`),
+robustness gaps, training costs, weight updates, failures, and links to the plots (`plots.py`). A model
+evaluated under several prompting strategies has a row per strategy, "<model> · <strategy>" (`Record.entry`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import functools
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pefteval_harness.errors import BadInput
-from pefteval_harness.report import merge_scaling
+from pefteval_harness.report import affective, merge_scaling
 from pefteval_harness.report.plots import PLOTS_FOLDER, plots, write_plots
 from pefteval_harness.report.records import (
     FIELDS,
@@ -66,9 +67,21 @@ def _kind(job: dict) -> str:
     return (job.get("config") or {}).get("kind", "")
 
 
+def _strategy(job_id: str, config: dict) -> str | None:
+    """The name of the prompting strategy an evaluation ran under (config `strategy`: null or {name, kind, ...})."""
+    strategy = config.get("strategy")
+    if strategy is None:
+        return None
+    name = strategy.get("name") or strategy.get("kind") if isinstance(strategy, dict) else strategy
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"job {job_id}: config.strategy: no name in {strategy!r}")
+    return name
+
+
 def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> list[Record]:
     """Records of the store's jobs, in the given order: scores and evaluation failures, training costs,
-    failures of other jobs. Jobs without a status (not run yet) give nothing."""
+    failures of other jobs. Jobs without a status (not run yet) give nothing. An evaluation's records carry
+    its prompting strategy (part of the model's identity in the report)."""
     leaves = {name: list(group.get("tasks") or []) for name, group in groups.items()}
     records: list[Record] = []
     for job in jobs:
@@ -78,6 +91,7 @@ def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> li
         kind, config = _kind(job), job.get("config") or {}
         model = Model.from_lineage(job.get("lineage") or {}, job["label"])
         if kind == "evaluate":
+            model = replace(model, strategy=_strategy(job["id"], config))
             task = config.get("task")
             member_of = [g for g, tasks in leaves.items() if task in tasks]
             result = store.result(job["id"]) if status["state"] == DONE else None
@@ -175,24 +189,24 @@ def _metric_label(shown: list[Record], every: list[Record]) -> str:
 def scores_table(
     records: list[Record], tasks: list[str] | None = None, groups: list[str] | None = None, average: bool = True
 ) -> str:
-    """One row per model: its method, each task's primary metric, each group's aggregate, the average.
+    """One row per model (and strategy): its method, each task's primary metric, each group's aggregate, the average.
     `tasks` / `groups` choose the columns (default: all); the average is over every comparable task."""
     primaries = [r for r in records if r.record == "score" and r.primary]
     aggregates = [r for r in records if r.record == "aggregate" and r.primary]
-    failed = {(r.model, r.task) for r in records if r.record == "failure" and r.task is not None}
+    failed = {(r.entry, r.task) for r in records if r.record == "failure" and r.task is not None}
     rows = [r for r in records if r.record in ("score", "aggregate") or (r.record == "failure" and r.task)]
     if not rows:
         return ""
     methods: dict[str, str] = {}
     for r in rows:
-        methods.setdefault(r.model, r.method)
+        methods.setdefault(r.entry, r.method)
     every_task = sorted({r.task for r in primaries} | {task for _, task in failed})
     tasks = every_task if tasks is None else [t for t in every_task if t in tasks]
     groups = sorted({r.group for r in aggregates} if groups is None else groups)
     by_task = {t: [r for r in primaries if r.task == t] for t in every_task}
     by_group = {g: [r for r in aggregates if r.group == g] for g in groups}
-    value = {(r.model, "task", r.task): r.value for r in primaries}
-    value |= {(r.model, "group", r.group): r.value for r in aggregates}
+    value = {(r.entry, "task", r.task): r.value for r in primaries}
+    value |= {(r.entry, "group", r.group): r.value for r in aggregates}
     averaged, means = average_scores(records) if average else ([], {})
     lines = []
     for model, method in methods.items():
@@ -275,35 +289,35 @@ def robustness_tables(records: list[Record]) -> str:
     gaps = [r for r in records if r.record == "gap"]
     if not gaps:
         return ""
-    score = {(r.model, r.task): r.value for r in records if r.record == "score" and r.primary}
+    score = {(r.entry, r.task): r.value for r in records if r.record == "score" and r.primary}
     pairs = [r for r in gaps if r.task is not None]
     text = "\n## Robustness\n\nGap: the clean task's primary score minus the adversarial task's (positive: the"
     text += " perturbation costs the model that much).\n\n"
     if len({r.task for r in pairs}) > 1:
         rows = []
         for mean in (r for r in gaps if r.task is None and r.metric == MEAN_GAP):
-            mine = [r for r in pairs if r.model == mean.model and r.higher_is_better is not True]
-            clean = [score.get((mean.model, r.clean_partner)) for r in mine]
-            adversarial = [score.get((mean.model, r.task)) for r in mine]
+            mine = [r for r in pairs if r.entry == mean.entry and r.higher_is_better is not True]
+            clean = [score.get((mean.entry, r.clean_partner)) for r in mine]
+            adversarial = [score.get((mean.entry, r.task)) for r in mine]
             complete = mean.value is not None
             rows.append([
-                mean.model, mean.method, str(len(mine)),
+                mean.entry, mean.method, str(len(mine)),
                 _cell(sum(clean) / len(clean) if complete else None),
                 _cell(sum(adversarial) / len(adversarial) if complete else None), _signed(mean.value),
             ])  # fmt: skip
         headers = ["model", "method", "adversarial tasks", "clean (mean)", "adversarial (mean)", "gap (mean)"]
         text += _table(rows, headers) + "\n"
     rows = [
-        [r.task, r.clean_partner, r.metric or "-", r.model, r.method, _cell(score.get((r.model, r.clean_partner))),
-         _cell(score.get((r.model, r.task))), _signed(r.value)]
+        [r.task, r.clean_partner, r.metric or "-", r.entry, r.method, _cell(score.get((r.entry, r.clean_partner))),
+         _cell(score.get((r.entry, r.task))), _signed(r.value)]
         for r in sorted(pairs, key=lambda r: r.task)
     ]  # fmt: skip
     text += _table(rows, ["adversarial task", "clean task", "metric", "model", "method", "clean", "adversarial",
                           "gap"])  # fmt: skip
     # a gap missing for want of a score shows as "-" beside it; any other reason is said
-    unexplained = [r for r in pairs if r.value is None and None not in (score.get((r.model, r.clean_partner)),
-                                                                        score.get((r.model, r.task)))]  # fmt: skip
-    notes = "".join(f"- no gap for {r.model} on {r.task}: {r.error}\n" for r in unexplained)
+    unexplained = [r for r in pairs if r.value is None and None not in (score.get((r.entry, r.clean_partner)),
+                                                                        score.get((r.entry, r.task)))]  # fmt: skip
+    notes = "".join(f"- no gap for {r.entry} on {r.task}: {r.error}\n" for r in unexplained)
     return text + ("\n" + notes if notes else "")
 
 
@@ -398,7 +412,7 @@ def failures_table(records: list[Record]) -> str:
     failures = [r for r in records if r.record == "failure"]
     if not failures:
         return ""
-    rows = [[r.model, r.task or "-", r.job_id, r.error_class or "-", r.error] for r in failures]
+    rows = [[r.entry, r.task or "-", r.job_id, r.error_class or "-", r.error] for r in failures]
     heading = f"\n## Failures\n\nFailed jobs: {len(failures)}.\n\n"
     return heading + _table(rows, ["model", "task", "job id", "class", "reason"])
 
@@ -406,6 +420,7 @@ def failures_table(records: list[Record]) -> str:
 def plot_links(records: list[Record]) -> str:
     """Relative links to the plots `write_reports` draws from these same records."""
     found = [(p.title, p.file) for p in plots(records)] + merge_scaling.plot_files(records)
+    found += affective.plot_files(records)
     if not found:
         return ""
     return "\n## Plots\n\n" + "\n".join(f"![{title}]({PLOTS_FOLDER}/{file})\n" for title, file in found)
@@ -415,9 +430,13 @@ def scaling_tables(records: list[Record]) -> str:
     return merge_scaling.scaling_section(records, _table)
 
 
+def affective_tables(records: list[Record]) -> str:
+    return affective.affective_sections(records, _table)
+
+
 def to_markdown(records: list[Record]) -> str:
-    sections = (overview, family_tables, robustness_tables, scaling_tables, costs_table, analysis_tables,
-                failures_table, plot_links)  # fmt: skip
+    sections = (overview, family_tables, affective_tables, robustness_tables, scaling_tables, costs_table,
+                analysis_tables, failures_table, plot_links)  # fmt: skip
     text = "".join(section(records) for section in sections)
     return text.lstrip("\n") if text else "No results yet.\n"
 
@@ -455,6 +474,7 @@ def write_reports(root: str | Path) -> str:
     report = collect(root)
     write_plots(report.records, Path(root) / PLOTS_FOLDER)  # before the markdown that links them
     merge_scaling.write_scaling_plots(report.records, Path(root) / PLOTS_FOLDER)
+    affective.write_affective_plots(report.records, Path(root) / PLOTS_FOLDER)
     for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):
         text = render(report, fmt)
         write_atomic(Path(root) / f"leaderboard.{suffix}", text)

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from pefteval_harness.report import scaling
-from pefteval_harness.report.records import Record, headline
+from pefteval_harness.report.records import Record, entry_label, headline
 
 SCALING_PLOT = "scaling.png"
 THEORY_PLOTS = ("gaussian_width_normalised", "sign_conflict_rate", "coverage_merged", "kurtosis_merged")
@@ -54,8 +54,14 @@ def analyse(records: list[Record]) -> tuple[str, dict[str, scaling.MethodScaling
     points = _points(records)
     if not points:
         return "", {}
-    what, scores = headline(records)
-    rows = [(series, k, subset, scores[model]) for model, (series, k, subset) in points.items() if model in scores]
+    what, scores = headline(records)  # keyed by entry: a model, or a model under a prompting strategy
+    models = {r.entry: (r.model, r.strategy) for r in records if r.record == "score"}
+    rows = []
+    for entry, score in scores.items():
+        model, strategy = models.get(entry, (entry, None))
+        if model in points:
+            series, k, subset = points[model]
+            rows.append((entry_label(series, strategy), k, subset, score))
     return what, scaling.analyse(rows) if rows else {}
 
 

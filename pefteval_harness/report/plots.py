@@ -14,6 +14,9 @@ The plots, each written only when its data exist:
   robustness_gap               each model's mean robustness gap (clean minus adversarial), as bars
   subspace_overlap_per_layer   per analysed model, the mean subspace overlap with full fine-tuning of each
                                layer's modules
+
+A model evaluated under several prompting strategies is a point (bar, line) per strategy: "<method> · <strategy>".
+The affective sections' heat maps are drawn by `affective.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pefteval_harness.report.records import MEAN_GAP, Record, headline, number
+from pefteval_harness.report.records import MEAN_GAP, Record, entry_label, headline, number
 
 PLOTS_FOLDER = "plots"
 DATA_FRACTION = "train.data_fraction"  # the sweep field of the data-fraction plot
@@ -50,10 +53,10 @@ class Plot:
 
 
 def _models(records: list[Record]) -> dict[str, Record]:
-    """The first record of each model, for its lineage (method, sweep)."""
+    """The first record of each model (and strategy: `Record.entry`), for its lineage (method, sweep)."""
     first: dict[str, Record] = {}
     for r in records:
-        first.setdefault(r.model, r)
+        first.setdefault(r.entry, r)
     return first
 
 
@@ -68,13 +71,14 @@ def _score_vs_params(records: list[Record]) -> Plot | None:
         if r.record == "cost" and r.metric == "trainable_params" and r.value and r.value > 0:
             params.setdefault(r.model, r.value)
     points: dict[str, list[tuple[float, float]]] = {}
-    for model, lineage in _models(records).items():
-        if model not in params or model not in scores:
+    for model, lineage in _models(records).items():  # training costs are the model's, whatever the strategy
+        if lineage.model not in params or model not in scores:
             continue
         fraction = number(lineage.sweep.get(DATA_FRACTION, 1.0))
         if fraction is not None and fraction < 1:
             continue
-        points.setdefault(lineage.sweep_of or lineage.method, []).append((params[model], scores[model]))
+        series = entry_label(lineage.sweep_of or lineage.method, lineage.strategy)
+        points.setdefault(series, []).append((params[lineage.model], scores[model]))
     if not points:
         return None
     return Plot("score_vs_trainable_params", "Score vs trainable parameters", "trainable parameters", what,
@@ -84,7 +88,8 @@ def _score_vs_params(records: list[Record]) -> Plot | None:
 def _sweep_label(lineage: Record) -> str:
     """The sweep's name, and its other swept fields' values: lora, lora[r=4]."""
     others = [f"{key.rsplit('.', 1)[-1]}={value}" for key, value in lineage.sweep.items() if key != DATA_FRACTION]
-    return f"{lineage.sweep_of}[{','.join(others)}]" if others else str(lineage.sweep_of)
+    label = f"{lineage.sweep_of}[{','.join(others)}]" if others else str(lineage.sweep_of)
+    return entry_label(label, lineage.strategy)
 
 
 def _score_vs_fraction(records: list[Record]) -> Plot | None:
@@ -102,7 +107,7 @@ def _score_vs_fraction(records: list[Record]) -> Plot | None:
 
 def _robustness_gap(records: list[Record]) -> Plot | None:
     bars = [
-        (r.model, r.value)
+        (r.entry, r.value)
         for r in records
         if r.record == "gap" and r.task is None and r.metric == MEAN_GAP and r.value is not None
     ]

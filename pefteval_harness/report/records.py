@@ -29,6 +29,12 @@ Kinds of record (`record` field):
              the task vectors and the merged tensors; task None
   failure    one failed job: task set for an evaluation, None for train / merge / analyze / base jobs
 
+A model evaluated under a prompting strategy (the evaluation job's config `strategy`, its `name`) carries it in
+`strategy` on each of its records, and the report treats each (model, strategy) as an entry of its own
+(`Record.entry`: "lora · 3-shot"; the model's label alone without a strategy), so aggregates, gaps, tables and
+plots never mix strategies. Score records of a task whose config's metadata says `affect` ("understanding" or
+"generation") and `form` ("loglikelihood" or "generative") carry them: the affective sections read them.
+
 `group` is only set on aggregate records; `groups` lists, on score and failure records of a task, the
 groups whose leaves include the task (sorted). Every record of a model carries its lineage: method, base,
 trained_on, merge fields, and for a sweep point `sweep_of` (the fine-tune or merge it was expanded from)
@@ -65,6 +71,7 @@ ANALYSIS_METRICS = (
     "right_subspace_overlap",
 )
 MEAN_GAP = "mean"  # the metric of a model's mean robustness gap record
+PARSE_RATE = "parsed"  # a generative task's share of answers it could read (0-1): not a score
 
 
 @dataclass
@@ -99,12 +106,25 @@ class Record:
     module: str | None = None  # analysis records: the weight's module (None: the summary over modules)
     layer: int | None = None
     note: str | None = None  # why a value is absent when that is not an error (no weight update)
+    strategy: str | None = None  # the prompting strategy's name (None: the task's own prompt, no strategy axis)
+    affect: str | None = None  # score records: the task's metadata.affect (understanding / generation)
+    form: str | None = None  # score records: the task's metadata.form (loglikelihood / generative)
+
+    @property
+    def entry(self) -> str:
+        return entry_label(self.model, self.strategy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 FIELDS = [f.name for f in fields(Record)]
+STRATEGY_SEPARATOR = " · "
+
+
+def entry_label(model: str, strategy: str | None) -> str:
+    """What the report keys and shows a model's results by: its label, and its prompting strategy if any."""
+    return model if strategy is None else f"{model}{STRATEGY_SEPARATOR}{strategy}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +141,7 @@ class Model:
     seed: int | None = None
     sweep_of: str | None = None
     sweep: tuple[tuple[str, Any], ...] = ()  # (field, value) pairs: the dataclass stays immutable
+    strategy: str | None = None  # the prompting strategy it was evaluated under (job config, not lineage)
 
     @classmethod
     def from_lineage(cls, lineage: dict, label: str | None = None) -> Model:
@@ -190,6 +211,12 @@ def primary_key(result: dict, task: str) -> tuple[str, str] | None:
     return pairs[0] if pairs else None
 
 
+def _metadata_text(config: dict, key: str) -> str | None:
+    metadata = config.get("metadata") if isinstance(config, dict) else None
+    value = metadata.get(key) if isinstance(metadata, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
 def clean_partner(config: dict) -> str | None:
     """The clean task an adversarial task perturbs: its metadata's clean_partner."""
     metadata = config.get("metadata") if isinstance(config, dict) else None
@@ -244,6 +271,8 @@ def score_records(result: dict, model: Model, job_id: str, groups: dict[str, lis
                     job_id=job_id,
                     error=None if value is not None else f"not a finite number: {scores[f'{metric},{filt}']!r}",
                     clean_partner=clean_partner(configs[name]) if is_task else None,
+                    affect=_metadata_text(configs[name], "affect") if is_task else None,
+                    form=_metadata_text(configs[name], "form") if is_task else None,
                 )
             )
     return records
@@ -305,13 +334,13 @@ def gap_records(records: list[Record]) -> list[Record]:
     """Robustness gaps from the primary score records: for each model scored (or failed) on an adversarial
     task (a task whose score records name a `clean_partner`), clean minus adversarial; then per model the
     mean of its gaps. Models in record order, adversarial tasks sorted."""
-    primaries = {(r.model, r.task): r for r in records if r.record == "score" and r.primary}
+    primaries = {(r.entry, r.task): r for r in records if r.record == "score" and r.primary}
     partners = dict(sorted({r.task: r.clean_partner for r in primaries.values() if r.clean_partner}.items()))
     models: dict[str, Model] = {}
     for r in records:
         if r.record in ("score", "failure") and r.task in partners:
-            models.setdefault(r.model, Model.of(r))
-    scored = {(r.model, r.task) for r in records if r.record in ("score", "failure")}
+            models.setdefault(r.entry, Model.of(r))
+    scored = {(r.entry, r.task) for r in records if r.record in ("score", "failure")}
     out = []
     for label, model in models.items():
         gaps = []
@@ -371,21 +400,28 @@ def cost_records(model: Model, job_id: str, result: dict) -> list[Record]:
 
 
 def aggregate_records(records: list[Record], groups: dict[str, dict]) -> list[Record]:
-    """For each model with score (or evaluation failure) records and each group with an aggregate metric
-    list (plan.json "groups"), one aggregate record per (metric, filter) the group aggregates."""
+    """For each model (and strategy) with score (or evaluation failure) records and each group with an aggregate
+    metric list (plan.json "groups"), one aggregate record per (metric, filter) the group aggregates. Under a
+    prompting strategy, the group's leaves are those some model was evaluated on under it (CoT does not apply to
+    a loglikelihood task: not a missing leaf)."""
     models: dict[str, Model] = {}
     scores: dict[tuple[str, str, str, str], Record] = {}  # (model, task, metric, filter) -> score record
     scored: set[tuple[str, str]] = set()
+    applies: set[tuple[str, str]] = set()  # (strategy, task) evaluated by some model
     for r in records:
         if r.record in ("score", "failure") and r.task is not None:
-            models.setdefault(r.model, Model.of(r))
+            models.setdefault(r.entry, Model.of(r))
+            if r.strategy is not None:
+                applies.add((r.strategy, r.task))
         if r.record == "score":
-            scores[r.model, r.task, r.metric, r.filter] = r
-            scored.add((r.model, r.task))
+            scores[r.entry, r.task, r.metric, r.filter] = r
+            scored.add((r.entry, r.task))
     out = []
     for label, model in models.items():
         for name, group in groups.items():
             leaves = list(group.get("tasks") or [])
+            if model.strategy is not None:
+                leaves = [t for t in leaves if (model.strategy, t) in applies]
             for position, spec in enumerate(group.get("aggregate") or []):
                 metric = spec["metric"]
                 filters = spec.get("filter_list")
@@ -462,12 +498,12 @@ def comparable(records: list[Record]) -> bool:
 
 def average_scores(records: list[Record]) -> tuple[list[str], dict[str, float | None]]:
     """The tasks an average may take (their primary scores comparable), and per model with task records
-    the mean of its primary scores over them (None if it lacks one)."""
+    the mean of its primary scores over them (None if it lacks one). Models by `Record.entry`."""
     primaries = [r for r in records if r.record == "score" and r.primary]
     tasks = sorted({r.task for r in primaries})
     averaged = [t for t in tasks if comparable([r for r in primaries if r.task == t])]
-    value = {(r.model, r.task): r.value for r in primaries}
-    models = dict.fromkeys(r.model for r in records if r.record in ("score", "failure") and r.task is not None)
+    value = {(r.entry, r.task): r.value for r in primaries}
+    models = dict.fromkeys(r.entry for r in records if r.record in ("score", "failure") and r.task is not None)
     means: dict[str, float | None] = {}
     for model in models:
         scores = [value.get((model, t)) for t in averaged]
@@ -488,13 +524,14 @@ def group_leaves(records: list[Record]) -> dict[str, list[str]]:
 def headline(records: list[Record]) -> tuple[str, dict[str, float]]:
     """One score per model, for plots: the primary aggregate of the widest group (most leaf tasks; then by
     name) if any group has one, else the average over comparable primary scores (the leaderboard's
-    average). Returns what it is ("group (metric)", "average (metrics)") and model -> value."""
+    average). A group that aggregates only the share of parseable answers (the affective groups) has no score.
+    Returns what it is ("group (metric)", "average (metrics)") and model (`Record.entry`) -> value."""
     leaves = group_leaves(records)
-    aggregates = [r for r in records if r.record == "aggregate" and r.primary]
+    aggregates = [r for r in records if r.record == "aggregate" and r.primary and r.metric != PARSE_RATE]
     if aggregates:
         main = min({r.group for r in aggregates}, key=lambda g: (-len(leaves.get(g, ())), g))
         rows = [r for r in aggregates if r.group == main]
-        return f"{main} ({rows[0].metric})", {r.model: r.value for r in rows if r.value is not None}
+        return f"{main} ({rows[0].metric})", {r.entry: r.value for r in rows if r.value is not None}
     averaged, means = average_scores(records)
     if not averaged:
         return "", {}

@@ -241,6 +241,20 @@ def task_config(manager, name: str) -> dict:
     return _describe_functions(cfg, sorted(yaml_dirs, key=lambda d: -len(str(d))))
 
 
+def build_task(manager, name: str, overrides: dict | None = None):
+    """lm-eval's Task `name`, with the task-config fields `overrides` set. lm-eval takes overrides as a
+    whole inline config (a dict with `task`), so the task's own YAML is read and the overrides laid on it."""
+    if not overrides:
+        return manager.load([name])["tasks"][name]
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    path = manager.task_index[name].yaml_path
+    config = load_yaml(path, resolve_func=True, recursive=True)
+    for key in _STRUCTURAL_KEYS:
+        config.pop(key, None)
+    return manager.load([{**config, **overrides, "task": name}])["tasks"][name]
+
+
 def trained_by(manager, name: str) -> str:
     """The task whose training split teaches a model this task: `metadata.trained_by` (IFEval: Alpaca;
     MNLI mismatched: MNLI), else an adversarial task's `metadata.clean_partner`'s, else the task itself."""

@@ -1,0 +1,104 @@
+"""The affective comparison end to end, as users run it: fine-tuning method × prompting strategy on AU and
+AG tasks, with the local judge, through `pefteval run`; and the bad inputs that stop it before it starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import yaml
+from conftest import PEFTEVAL
+
+DATA = os.environ.get("PEFTEVAL_DATA_DIR")
+needs_data = pytest.mark.skipif(not DATA, reason="needs real records: set PEFTEVAL_DATA_DIR (see README, Tests)")
+
+AU = ["pefteval_affect_sst2", "pefteval_affect_sst2_gen"]
+AG = "pefteval_affect_esconv"
+
+
+def run(spec: dict, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return subprocess.run([*PEFTEVAL, *args, str(path), "--output", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("evaluate", "expected"),
+    [
+        ({"strategies": ["zero_shot", "few_shot"]}, "evaluate.strategies[1]: unknown prompting strategy 'few_shot'"),
+        ({"strategies": [{"kind": "k_shot", "k": 2, "pool": 500}]}, "k-shot needs a pool of 500 examples, but"),
+        ({"judge": {"model": "./no-such-judge"}}, "evaluate.judge.model: no such model folder './no-such-judge'"),
+        ({"judge": {"model": "nobody/no-such-judge"}}, "evaluate.judge.model: 'nobody/no-such-judge' is not a local"),
+    ],
+)
+def test_bad_affective_specs_stop_with_one_line_and_exit_2(tmp_path, evaluate, expected):
+    out = run({"evaluate": {"tasks": [*AU, AG], **evaluate}}, tmp_path, "run")
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@needs_data
+@pytest.mark.slow
+def test_method_by_strategy_with_a_judge_end_to_end(tmp_path):
+    spec = {
+        "name": "affective_tiny",
+        "train": {"tasks": ["pefteval_affect_sst2_gen"], "limit": 16, "epochs": 1, "max_length": 96},
+        "finetunes": {"lora": {"method": "lora", "train": {"learning_rate": 0.01}}},
+        "evaluate": {
+            "tasks": [*AU, AG],
+            "limit": 3,
+            "strategies": [
+                "zero_shot",
+                {"kind": "k_shot", "k": 2, "pool": 4, "tasks": ["pefteval_affect_sst2*"]},
+                {"kind": "cot", "max_gen_toks": 12},
+            ],
+            "judge": {"model": "tiny", "max_new_tokens": 8},
+        },
+    }
+    out = run(spec, tmp_path, "run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "0 failed" in out.stdout
+    # base and lora; sst2 in both forms zero- and 2-shot, its generative form under CoT; ESConv zero-shot
+    assert "14 jobs ran" in out.stdout
+
+    records = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    scores = [r for r in records if r["record"] == "score"]
+    cells = {(r["model"], r["strategy"], r["task"]) for r in scores}
+    for model in ("base", "lora"):
+        assert {(model, s, t) for s in ("zero-shot", "2-shot") for t in AU} <= cells
+        assert (model, "cot", "pefteval_affect_sst2_gen") in cells and (
+            model,
+            "cot",
+            "pefteval_affect_sst2",
+        ) not in cells
+        assert (model, "zero-shot", AG) in cells and (model, "2-shot", AG) not in cells
+    parse_rates = [r for r in scores if r["metric"] == "parsed"]
+    assert {r["task"] for r in parse_rates} == {"pefteval_affect_sst2_gen", AG}
+    assert all(0 <= r["value"] <= 1 for r in parse_rates)
+    assert any(r["metric"] == "acc" and r["filter"] == "cot" for r in scores)  # CoT's answer-line filter
+    assert {r["affect"] for r in scores} == {"understanding", "generation"}
+
+    # the judge's metrics join ESConv's, and its prompts and raw judgements are kept with the result
+    judged = [r for r in scores if r["task"] == AG and r["metric"] in ("judge_score", "judge_parsed")]
+    assert {r["metric"] for r in judged} >= {"judge_parsed"} and len({r["model"] for r in judged}) == 2
+    job = next(r["job_id"] for r in scores if r["task"] == AG)
+    result = json.loads((tmp_path / "out" / "jobs" / job / "result.json").read_text())
+    block = result["pefteval_judge"]
+    assert block["rubric"].startswith("This is the pefteval-harness rubric") and len(block["judgements"]) == 3
+    assert all({"prompt", "reply", "judgement", "score"} <= set(j) for j in block["judgements"])
+    assert any(j["reply"] and j["reply"] in j["prompt"] and block["rubric"] in j["prompt"] for j in block["judgements"])
+    assert "samples" not in result  # lm-eval's results format, as without a judge
+
+    board = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "## Affective understanding (AU)" in board and "## Affective generation (AG)" in board
+    assert "% parseable" in board and "cot" in board and "2-shot" in board
+    assert "plots/affective_au.png" in board and (tmp_path / "out" / "plots" / "affective_au.png").is_file()
+
+    again = run(spec, tmp_path, "run")
+    assert again.returncode == 0 and "0 jobs ran, 14 already done" in again.stdout

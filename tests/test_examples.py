@@ -102,3 +102,32 @@ def test_the_merge_scaling_experiment_plans_offline_from_a_cached_base(tmp_path)
     assert kinds["evaluate"] == (kinds["merge"] + 1) * len(tasks)  # the base and every merge, every task
     assert all("1 GPU" in row[5] for row in table if row[1] in ("train", "evaluate"))
     assert all("GPU" not in row[5] for row in table if row[1] == "merge")
+
+
+def test_the_small_affective_example_crosses_methods_and_strategies():
+    table = rows(plan("examples/affective_small.yaml"))
+    kinds = Counter(row[1] for row in table)
+    assert kinds["train"] == 4 and {row[2] for row in table if row[1] == "train"} == {
+        "full", "lora", "p_tuning", "prompt_tuning"
+    }  # fmt: skip
+    cells = {(row[2], row[3]) for row in table if row[1] == "evaluate"}
+    for model in ("base", "full", "lora", "p_tuning", "prompt_tuning"):
+        assert (model, "pefteval_affect_sst2 (2-shot)") in cells and (model, "pefteval_affect_sst2_gen (cot)") in cells
+        assert (model, "pefteval_affect_esconv (zero-shot)") in cells and (
+            model,
+            "pefteval_affect_esconv (2-shot)",
+        ) not in cells
+    assert kinds["evaluate"] == 5 * (9 + 8 + 4)  # 9 tasks zero-shot, 8 with a local training split 2-shot, 4 CoT
+
+
+def test_the_affective_experiment_plans_offline_from_a_cached_base(tmp_path):
+    env = cached_hub(tmp_path, "meta-llama/Llama-3.1-8B-Instruct", "llama")
+    cached_hub(tmp_path, "Qwen/Qwen2.5-7B-Instruct", "qwen2")  # the judge
+    table = rows(plan("experiments/affective.yaml", **env))
+    kinds = Counter(row[1] for row in table)
+    assert kinds["train"] == 4 and kinds["evaluate"] > 5 * 40 * 2
+    evaluated = {row[3] for row in table if row[1] == "evaluate" and row[2] == "lora"}
+    assert {"pefteval_affect_tweet_stance_hillary_gen (cot)", "pefteval_affect_eq_bench (zero-shot)",
+            "pefteval_affect_empathetic (5-shot)", "pefteval_affect_emobench_eu (zero-shot)"} <= evaluated  # fmt: skip
+    assert "pefteval_affect_emobench_eu (5-shot)" not in evaluated  # no training split to draw examples from
+    assert all("1 GPU" in row[5] for row in table if row[1] in ("train", "evaluate"))

@@ -443,8 +443,8 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
     )
     _check_data(plan, selection, selection.names, "evaluate.tasks", training=False)
     identities = {task: _identity(plan, selection, task) for task in selection.names}
-    strategies = _strategies_by_task(spec, plan, selection)
-    judges = _judges(spec, plan, selection, models)
+    applies = _strategies_by_task(spec, plan, selection)
+    judges = _judges(spec, plan, selection)
     taught_by = {}
     if spec.evaluate.trained_tasks_only:
         from pefteval_harness.tasks import trained_by
@@ -458,7 +458,7 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
                 trained = ", ".join(model.lineage.trained_on)
                 raise BadInput(f"evaluate.trained_tasks_only: {model.label} is trained on {trained}, none evaluated")
         for strategy, task in itertools.product(spec.evaluate.strategies or [None], tasks):
-            if task not in strategies.get(strategy.name if strategy else None, tasks):
+            if strategy is not None and task not in applies[strategy.name]:
                 continue
             judge, judge_deps = judges.get(task, (None, []))
             config = EvaluateConfig(
@@ -481,9 +481,9 @@ def _strategies_by_task(spec: Spec, plan: Plan, selection) -> dict[str, list[str
     from pefteval_harness.prompting import KShot, few_shot_split
 
     applies: dict[str, list[str]] = {}
+    configs = {task: _config(plan, selection, task) for task in selection.names}
     for i, strategy in enumerate(spec.evaluate.strategies):
         where = f"evaluate.strategies[{i}] ({strategy.name})"
-        configs = {task: _config(plan, selection, task) for task in selection.names}
         applies[strategy.name] = [task for task, config in configs.items() if strategy.applies_to(task, config)]
         if not applies[strategy.name]:
             raise BadInput(f"{where}: applies to none of the evaluated tasks (see their metadata.strategies)")
@@ -510,7 +510,7 @@ def _local_records(config: dict, split: str | None) -> int | None:
     return sum(sum(1 for line in path.open(encoding="utf-8") if line.strip()) for path in files if path.is_file())
 
 
-def _judges(spec: Spec, plan: Plan, selection, models: list[_Model]) -> dict[str, tuple[JudgeConfig, list[str]]]:
+def _judges(spec: Spec, plan: Plan, selection) -> dict[str, tuple[JudgeConfig, list[str]]]:
     """Task -> the judge of its replies and the jobs that make the judge model, for the judged tasks."""
     judge = spec.evaluate.judge
     if judge is None:

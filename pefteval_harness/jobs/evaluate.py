@@ -1,7 +1,9 @@
 """Evaluate jobs: lm-eval's `simple_evaluate` on one task of a base model, an adapter or a merged model.
 
-Each job is one (model, task). A worker given several jobs of one model loads it once (an lm-eval `HFLM`)
-and scores each task with that task's own settings; one task failing fails only its own job.
+Each job is one (model, task), or (model, task, prompting strategy). A worker given several jobs of one model
+loads it once (an lm-eval `HFLM`) and scores each task with that task's own settings and strategy (lm-eval
+config overrides: `pefteval_harness.prompting`); one task failing fails only its own job. A job with a judge
+logs its samples and has the judge (`pefteval_harness.judge`) score the generated replies.
 
 Prompt-learning adapters (prompt tuning, P-tuning, prefix tuning, cartridges) put virtual tokens in front
 of the input. lm-eval's log-likelihoods already line up with the real tokens: `HFLM` drops the extra

@@ -1,5 +1,7 @@
-"""The affective comparison end to end, as users run it: fine-tuning method × prompting strategy on AU and
-AG tasks, with the local judge, through `pefteval run`; and the bad inputs that stop it before it starts."""
+"""The affective comparison end to end, as users run it: prompting strategies on AU and AG tasks, with the
+local judge, through `pefteval run`; and the bad inputs that stop it before it starts. (Strategies crossed
+with fine-tuned models: tests/test_prompting.py plans it, tests/test_affect_report.py reports it, and
+examples/affective_small.yaml runs it.)"""
 
 from __future__ import annotations
 
@@ -49,11 +51,9 @@ def test_bad_affective_specs_stop_with_one_line_and_exit_2(tmp_path, capsys, eva
 
 @needs_data
 @pytest.mark.slow
-def test_method_by_strategy_with_a_judge_end_to_end(tmp_path):
+def test_strategies_with_a_judge_end_to_end(tmp_path):
     spec = {
         "name": "affective_tiny",
-        "train": {"tasks": ["pefteval_affect_sst2_gen"], "limit": 16, "epochs": 1, "max_length": 96},
-        "finetunes": {"lora": {"method": "lora", "train": {"learning_rate": 0.01}}},
         "evaluate": {
             "tasks": [*AU, AG],
             "limit": 3,
@@ -68,13 +68,13 @@ def test_method_by_strategy_with_a_judge_end_to_end(tmp_path):
     out = run(spec, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "0 failed" in out.stdout
-    # base and lora; sst2 in both forms zero- and 2-shot, its generative form under CoT; ESConv zero-shot
-    assert "14 jobs ran" in out.stdout
+    # the tiny base; sst2 in both forms zero- and 2-shot, its generative form under CoT; ESConv zero-shot
+    assert "7 jobs ran" in out.stdout
 
     records = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
     scores = [r for r in records if r["record"] == "score"]
     cells = {(r["model"], r["strategy"], r["task"]) for r in scores}
-    for model in ("base", "lora"):
+    for model in ("base",):
         assert {(model, s, t) for s in ("zero-shot", "2-shot") for t in AU} <= cells
         assert (model, "cot", "pefteval_affect_sst2_gen") in cells and (
             model,
@@ -90,7 +90,7 @@ def test_method_by_strategy_with_a_judge_end_to_end(tmp_path):
 
     # the judge's metrics join ESConv's, and its prompts and raw judgements are kept with the result
     judged = [r for r in scores if r["task"] == AG and r["metric"] in ("judge_score", "judge_parsed")]
-    assert {r["metric"] for r in judged} >= {"judge_parsed"} and len({r["model"] for r in judged}) == 2
+    assert {r["metric"] for r in judged} >= {"judge_parsed"}
     job = next(r["job_id"] for r in scores if r["task"] == AG)
     result = json.loads((tmp_path / "out" / "jobs" / job / "result.json").read_text())
     block = result["pefteval_judge"]

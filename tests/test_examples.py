@@ -105,7 +105,10 @@ def test_the_merge_scaling_experiment_plans_offline_from_a_cached_base(tmp_path)
 
 
 def test_the_small_affective_example_crosses_methods_and_strategies():
-    table = rows(plan("examples/affective_small.yaml"))
+    from pefteval_harness.plan import build_plan
+    from pefteval_harness.spec import load_spec
+
+    table = rows(build_plan(load_spec(REPO / "examples/affective_small.yaml")[0]).describe())  # in this process
     kinds = Counter(row[1] for row in table)
     assert kinds["train"] == 4 and {row[2] for row in table if row[1] == "train"} == {
         "full", "lora", "p_tuning", "prompt_tuning"

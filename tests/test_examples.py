@@ -8,6 +8,7 @@ import os
 import subprocess
 from collections import Counter
 
+import pytest
 import yaml
 
 from pefteval_harness.finetuning import FINETUNE_METHODS
@@ -123,6 +124,7 @@ def test_the_small_affective_example_crosses_methods_and_strategies():
     assert kinds["evaluate"] == 5 * (9 + 8 + 4)  # 9 tasks zero-shot, 8 with a local training split 2-shot, 4 CoT
 
 
+@pytest.mark.slow
 def test_the_affective_experiment_plans_offline_from_a_cached_base(tmp_path):
     env = cached_hub(tmp_path, "meta-llama/Llama-3.1-8B-Instruct", "llama")
     cached_hub(tmp_path, "Qwen/Qwen2.5-7B-Instruct", "qwen2")  # the judge

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import random
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -48,10 +48,18 @@ class Strategy(BaseModel):
     name: str = ""
     # A planning filter, not part of what an evaluation does: left out of the job's config (and id).
     tasks: list[str] | None = Field(None, exclude=True, description="only the evaluated tasks matching these globs")
-    num_fewshot: ClassVar[int] = 0
+
+    @model_validator(mode="after")
+    def _named(self) -> Strategy:
+        object.__setattr__(self, "name", self.name or self.default_name())  # frozen: set once, here
+        return self
+
+    def default_name(self) -> str:
+        return self.kind
 
     def shots(self) -> int:
-        return self.num_fewshot
+        """The examples before each question (lm-eval's num_fewshot)."""
+        return 0
 
     def applies_to(self, name: str, config: dict) -> bool:
         """Whether this strategy is used on a task (its name and resolved YAML config)."""
@@ -72,10 +80,8 @@ class Strategy(BaseModel):
 class ZeroShot(Strategy):
     kind: Literal["zero_shot"] = "zero_shot"
 
-    @model_validator(mode="after")
-    def _named(self) -> ZeroShot:
-        object.__setattr__(self, "name", self.name or "zero-shot")
-        return self
+    def default_name(self) -> str:
+        return "zero-shot"
 
 
 def few_shot_split(config: dict) -> str | None:
@@ -92,8 +98,10 @@ class KShot(Strategy):
     def _pool_holds_k(self) -> KShot:
         if self.pool is not None and self.k > self.pool:
             raise ValueError(f"k = {self.k} is larger than the pool of {self.pool} examples")
-        object.__setattr__(self, "name", self.name or f"{self.k}-shot")
         return self
+
+    def default_name(self) -> str:
+        return f"{self.k}-shot"
 
     @property
     def pool_size(self) -> int:
@@ -121,11 +129,6 @@ class ChainOfThought(Strategy):
     instruction: str = Field(COT_INSTRUCTION, description="put before the task's prompt")
     cue: str = Field(COT_CUE, description="the start of the model's reply, in place of the answer cue")
     max_gen_toks: int = Field(256, ge=1, description="room for the reasoning and the answer line")
-
-    @model_validator(mode="after")
-    def _named(self) -> ChainOfThought:
-        object.__setattr__(self, "name", self.name or "cot")
-        return self
 
     def supports(self, config: dict) -> bool:
         return config.get("output_type") == "generate_until" and "cot" in (config.get("metadata") or {}).get(

@@ -29,7 +29,6 @@ SECTIONS = {
     "generation": ("Affective generation (AG)", "affective_ag"),
 }
 FORMS = ("loglikelihood", "generative")
-PARSED = PARSE_RATE  # every generative task's share of parseable answers (0-1)
 MISSING = "–"
 NO_STRATEGY = "as configured"  # the column of evaluations without a prompting strategy: the task's own prompt
 
@@ -62,7 +61,7 @@ class Grid:
 
 def section_tasks(records: list[Record], affect: str) -> dict[str, str]:
     """task -> form, for the tasks whose score records say `affect` (sorted by task)."""
-    with_parsed = {r.task for r in records if r.record == "score" and r.metric == PARSED}
+    with_parsed = {r.task for r in records if r.record == "score" and r.metric == PARSE_RATE}
     forms: dict[str, str] = {}
     for r in records:
         if r.record == "score" and r.affect == affect and r.task not in forms:
@@ -107,7 +106,7 @@ def grids(records: list[Record], affect: str) -> list[Grid]:
         for r in runs:
             models.setdefault(r.model, r.method)
         parsed = {(r.model, r.strategy, r.task, r.filter): r.value for r in runs
-                  if r.record == "score" and r.metric == PARSED}  # fmt: skip
+                  if r.record == "score" and r.metric == PARSE_RATE}  # fmt: skip
         parsed_tasks = [t for t in averaged if any(key[2] == t for key in parsed)] if form == "generative" else []
         grid = Grid(affect, form, strategies, averaged, metrics, dict(sorted(left_out.items())), models,
                     parsed_tasks=parsed_tasks)  # fmt: skip
@@ -155,7 +154,7 @@ def grid_table(grid: Grid, table) -> str:
         text += f'"{MISSING} (n/N)": only n of the N tasks scored (an evaluation failed or did not run): no mean.\n'
     if grid.parsed_tasks:
         text += (
-            f"% parseable: the share of the answers the task could read (its metric `{PARSED}`), mean over the same"
+            f"% parseable: the share of the answers the task could read (its metric `{PARSE_RATE}`), mean over the same"
             " tasks, ×100.\n"
         )
     return text + _left_out(grid)
@@ -173,8 +172,8 @@ def task_table(records: list[Record], task: str, table) -> str:
     runs = [r for r in records if r.record in ("score", "failure") and r.task == task]
     scores = [r for r in runs if r.record == "score"]
     primary = next((r.metric for r in scores if r.primary), None)
-    metrics = list(dict.fromkeys(r.metric for r in scores if r.metric != PARSED))
-    has_parsed = any(r.metric == PARSED for r in scores)
+    metrics = list(dict.fromkeys(r.metric for r in scores if r.metric != PARSE_RATE))
+    has_parsed = any(r.metric == PARSE_RATE for r in scores)
     entries: dict[tuple[str, str | None], list[Record]] = {}
     for r in runs:
         entries.setdefault((r.model, r.strategy), []).append(r)
@@ -189,7 +188,7 @@ def task_table(records: list[Record], task: str, table) -> str:
         if failed and metrics:
             cells[metrics.index(primary) if primary in metrics else 0] = "FAILED"
         if has_parsed:
-            rate = value.get(PARSED)
+            rate = value.get(PARSE_RATE)
             cells.append(MISSING if rate is None else f"{100 * rate:.1f}")
         lines.append([model, mine[0].method, strategy_name(strategy), filt or MISSING, *cells])
     headers = ["model", "method", "strategy", "filter", *metrics] + (["% parseable"] if has_parsed else [])

@@ -67,17 +67,6 @@ def _kind(job: dict) -> str:
     return (job.get("config") or {}).get("kind", "")
 
 
-def _strategy(job_id: str, config: dict) -> str | None:
-    """The name of the prompting strategy an evaluation ran under (config `strategy`: null or {name, kind, ...})."""
-    strategy = config.get("strategy")
-    if strategy is None:
-        return None
-    name = strategy.get("name") or strategy.get("kind") if isinstance(strategy, dict) else strategy
-    if not isinstance(name, str) or not name:
-        raise BadInput(f"job {job_id}: config.strategy: no name in {strategy!r}")
-    return name
-
-
 def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> list[Record]:
     """Records of the store's jobs, in the given order: scores and evaluation failures, training costs,
     failures of other jobs. Jobs without a status (not run yet) give nothing. An evaluation's records carry
@@ -91,7 +80,7 @@ def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> li
         kind, config = _kind(job), job.get("config") or {}
         model = Model.from_lineage(job.get("lineage") or {}, job["label"])
         if kind == "evaluate":
-            model = replace(model, strategy=_strategy(job["id"], config))
+            model = replace(model, strategy=(config.get("strategy") or {}).get("name"))  # named at spec load
             task = config.get("task")
             member_of = [g for g, tasks in leaves.items() if task in tasks]
             result = store.result(job["id"]) if status["state"] == DONE else None

@@ -72,7 +72,7 @@ def _by_name(field: str, labels: Sequence[str]) -> Callable[[dict], str]:
 
 
 def _line(label: str, field: str) -> Callable[[dict], str]:
-    return lambda doc: f"{label}: {str(doc[field]).strip()}"
+    return _lines((label, field))
 
 
 def _lines(*parts: tuple[str, str]) -> Callable[[dict], str]:

@@ -1,4 +1,4 @@
-"""`pefteval`: run, plan, leaderboard, tasks, data, methods, lm-eval, merge, tiny-model.
+"""`pefteval`: run, plan, status, leaderboard, tasks, data, methods, lm-eval, merge, tiny-model.
 
 Exit codes: 0 success; 2 bad input (spec, config, arguments: one line, no traceback,
 nothing written); 1 a runtime failure, after which the store is consistent and a rerun resumes.
@@ -36,34 +36,71 @@ def cmd_plan(args) -> int:
 
 def cmd_run(args) -> int:
     from pefteval_harness import runner
+    from pefteval_harness.progress import LiveDisplay
     from pefteval_harness.report.leaderboard import write_reports
-    from pefteval_harness.store import Store, check_store_schema, write_atomic, write_json
+    from pefteval_harness.store import Store, is_url
 
     spec, plan = _load(args.spec)
-    # Absolute: Ray workers (on other nodes, or in `ray job submit`'s working-dir copy) write there too.
-    output = Path(args.output or spec.output or Path("runs") / spec.name).expanduser().resolve()
-    check_store_schema(output)
-    store = Store(output)
+    output = args.output or spec.output or str(Path("runs") / spec.name)
+    # A local path is made absolute: Ray workers (on other nodes, or in `ray job submit`'s working-dir copy)
+    # write there too. A store URL (s3://, gs://, file://) is the same everywhere as it is.
+    store = Store(output if is_url(output) else Path(output).expanduser().resolve())
+    if not store.shared_across_processes:
+        raise BadInput(f"--output {output}: a store only this process sees; the run's Ray workers could not write it")
+    store.plan()  # refuses a results folder another pefteval version wrote
+    output = store.url
     pending = [job for job in plan.jobs if not store.is_done(job.id)]
     if args.dry_run:
         print(plan.describe())
         print(f"\n{len(pending)} of {len(plan.jobs)} jobs to run; results would go to {output}")
         return 0
 
-    write_atomic(output / "spec.yaml", Path(args.spec).read_text())
-    write_json(output / "plan.json", plan.to_json())
+    store.write_text("spec.yaml", Path(args.spec).read_text())
+    store.write_json("plan.json", plan.to_json())
     summary = runner.RunSummary(skipped=[j.id for j in plan.jobs if j not in pending])
     if pending:
         log.info("%d of %d jobs to run, results in %s", len(pending), len(plan.jobs), output)
         runner.init_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
         resources = spec.resources
-        summary = runner.execute(plan, store, resources.max_retries, resources.tasks_per_worker)
-    print(write_reports(output))
+        with LiveDisplay(plan, store):  # done / running / failed / left, and the running jobs' progress
+            summary = runner.execute(plan, store, resources.max_retries, resources.tasks_per_worker)
+    print(write_reports(store))
     print(
         f"{len(summary.ran)} jobs ran, {len(summary.skipped)} already done, {len(summary.failed)} failed;"
-        f" leaderboard: {output / 'leaderboard.md'}"
+        f" leaderboard: {store.location('leaderboard.md')}"
     )
     return 1 if summary.failed else 0
+
+
+def cmd_status(args) -> int:
+    """A run's state from its results folder alone: counts, running jobs' progress, failures."""
+    import json
+    import time
+
+    from pefteval_harness.progress import status_of
+    from pefteval_harness.store import Store, is_url
+
+    if args.watch is not None and args.watch <= 0:
+        raise BadInput(f"--watch: {args.watch:g} is not a positive number of seconds")
+    store = Store(args.dir if is_url(args.dir) else Path(args.dir))  # a folder, or a store URL (s3://...)
+    plan = store.plan()
+    if plan is None:
+        raise BadInput(f"{args.dir}: no plan.json: not a pefteval results folder, or its run has not started")
+    clear = args.watch is not None and sys.stdout.isatty()
+    try:
+        while True:
+            status = status_of(store, plan)
+            if args.json:  # one object per refresh, one per line when watching
+                text = json.dumps(status.to_json(), indent=None if args.watch else 2) + "\n"
+            else:
+                text = status.render()
+            sys.stdout.write(("\x1b[H\x1b[2J" if clear else "") + text)
+            sys.stdout.flush()
+            if args.watch is None or status.finished:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:  # Ctrl-C ends watching: not an error
+        return 0
 
 
 def cmd_leaderboard(args) -> int:
@@ -195,7 +232,10 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="plan and run an experiment spec on Ray, then write the leaderboard")
     run.add_argument("spec")
-    run.add_argument("--output", help="results folder (default: the spec's output:, else runs/<name>)")
+    run.add_argument(
+        "--output",
+        help="results folder, or a store URL: s3://, gs://, file:// (default: the spec's output:, else runs/<name>)",
+    )
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     run.add_argument("--dry-run", action="store_true", help="print the plan and what is left to run")
@@ -204,6 +244,12 @@ def parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print the job graph of a spec without running anything")
     plan.add_argument("spec")
     plan.set_defaults(func=cmd_plan)
+
+    status = sub.add_parser("status", help="what a run (here or on a cluster) has done, is doing, and left")
+    status.add_argument("dir", help="the run's results folder")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument("--watch", type=float, metavar="N", help="refresh every N seconds until nothing is left")
+    status.set_defaults(func=cmd_status)
 
     board = sub.add_parser("leaderboard", help="print the leaderboard of a results folder")
     board.add_argument("dir")

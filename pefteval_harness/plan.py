@@ -62,6 +62,7 @@ class Plan:
     task_identities: dict[str, str] = field(default_factory=dict, repr=False)
     task_configs: dict[str, dict] = field(default_factory=dict, repr=False)  # resolved YAML: read once
     data_checked: set[tuple[str, bool]] = field(default_factory=set, repr=False)  # (task, for training)
+    model_size: tuple[int, int] | None = field(default=None, repr=False)  # the base's, for `auto` memory
 
     def __post_init__(self) -> None:
         self.spec_hash = self.spec.fingerprint()
@@ -69,6 +70,8 @@ class Plan:
     def add(self, label: str, lineage: Lineage, config, resources: Resources, deps=(), keep_artifact=True) -> Job:
         from pefteval_harness.jobs import JOB_KINDS
 
+        if resources.accelerator_memory_gb == "auto":
+            resources = self._estimated(config, resources)
         identity = json.dumps(
             {
                 "label": label,
@@ -92,6 +95,14 @@ class Plan:
         )
         self.jobs.append(job)
         return job
+
+    def _estimated(self, config, resources: Resources) -> Resources:
+        """`accelerator_memory_gb: auto` filled with an estimate from the base model's size (scheduling.py)."""
+        from pefteval_harness.scheduling import estimate_accelerator_memory_gb, model_size
+
+        self.model_size = self.model_size or model_size(self.spec.base_model)
+        estimate = estimate_accelerator_memory_gb(config, resources, self.model_size)
+        return resources.model_copy(update={"accelerator_memory_gb": estimate})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,7 +139,8 @@ def _task_shown(config) -> str:
 
 def _resources(r: Resources) -> str:
     parts = [f"{r.num_cpus:g} CPU"] + ([f"{r.num_gpus:g} GPU"] if r.num_gpus else [])
-    return ", ".join(parts + ([f"{r.memory_gb:g} GB"] if r.memory_gb else []))
+    parts += [f"{r.memory_gb:g} GB"] if r.memory_gb else []
+    return ", ".join(parts) + (f" × {r.workers} workers ({r.placement})" if r.workers > 1 else "")
 
 
 def build_plan(spec: Spec) -> Plan:
@@ -291,7 +303,12 @@ def _train_point(spec, plan, name, point, base, base_deps, models) -> list[Job]:
         )
         label = f"{point.label}/{tasks[0]}" if ft.per_task else point.label
         lineage = _lineage(spec, label, method.name, trained_on=tasks, sweep_of=point.sweep_of, sweep=point.values)
-        job = plan.add(label, lineage, config, spec.resources.train, base_deps)
+        resources = Resources.model_validate({**spec.resources.train.model_dump(), **ft.resources})
+        if settings.batch_size % resources.workers:  # the batch is global: each rank takes an equal share
+            raise BadInput(
+                f"finetunes.{name}: batch_size {settings.batch_size} does not split over {resources.workers} workers"
+            )
+        job = plan.add(label, lineage, config, resources, base_deps)
         jobs.append(job)
         if ft.evaluate:
             loaded = _loaded(job, method.produces, base)

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -69,6 +70,16 @@ def hardware() -> dict:
     }
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (a job's worker: the node that ran it); None outside Ray.
+
+    Read only when Ray is already imported and initialised here: recording it must not start a Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def provenance(job) -> dict:
     return {
         "job_id": job.id,
@@ -76,4 +87,5 @@ def provenance(job) -> dict:
         "source": source_revision(),
         "packages": {**numeric_versions(), "ray": package_version("ray")},
         "hardware": hardware(),
+        "ray_node_id": ray_node_id(),
     }

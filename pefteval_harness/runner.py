@@ -4,9 +4,21 @@
   the store) is waited for, not run twice.
 - Ready evaluation jobs of one model (same model, batch size and resources) go to one worker, which
   loads the model once (up to `tasks_per_worker` tasks each); each job is recorded on its own.
+- Critical path first, packed: ready jobs go in priority order (the longest estimated chain of work
+  from them to the end of the DAG), and only as many as fit in the cluster's free resources right now
+  (the driver's model of its nodes, `scheduling.Cluster`), so Ray's own queue, which is not in priority
+  order across resource shapes, never holds low-priority work ahead of the critical path. When the
+  next job must wait for room, lower ones run meanwhile only if they cannot delay it (EASY backfilling
+  on the estimates). A job no node can ever hold fails at once (bad input); on an autoscaling cluster
+  that check would have to allow for nodes yet to come.
+- A gang fine-tune (`workers > 1`) runs as a coordinator task that holds nothing; the driver counts
+  its workers' resources as in use while it runs.
+- A job still running after its kind's `timeout_minutes` (from its submission) is cancelled and
+  recorded failed, class "timeout", never retried; a batch of n jobs gets n times the timeout.
 - A failed job is retried up to `max_retries` times unless its failure is deterministic (bad input);
   then it is recorded as failed with its reason and class, and every job downstream of it as failed
-  because of it. Ray itself retries a worker that dies (`max_retries` on the task).
+  because of it. Ray itself retries a task whose worker or node dies (`max_retries` on the task);
+  when none is left it is recorded failed with Ray's reason, class "system".
 """
 
 from __future__ import annotations
@@ -15,9 +27,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pefteval_harness.jobs.types import Job
+from pefteval_harness import scheduling
+from pefteval_harness.errors import BadInput
+from pefteval_harness.jobs.types import Job, Resources
 from pefteval_harness.plan import Plan
 from pefteval_harness.store import DONE, FAILED, Store, new_run_id
 
@@ -109,23 +124,45 @@ class _Heartbeat:
             self.store.release(job_id, self.owner)
 
 
-def execute(plan: Plan, store: Store, max_retries: int = 1, tasks_per_worker: int = 24) -> RunSummary:
+def execute(
+    plan: Plan,
+    store: Store,
+    max_retries: int = 1,
+    tasks_per_worker: int = 24,
+    *,
+    task: Callable | None = None,
+    estimate: Callable[[Job], float] | None = None,
+    prioritize: bool = True,
+) -> RunSummary:
     """Run the plan's pending jobs on the connected Ray cluster; return what ran, was skipped and failed.
 
     A model's ready evaluations share a worker (one process start and model load) in groups of at most
-    `tasks_per_worker` tasks: fewer spreads one model's tasks over more workers, more saves start-ups."""
+    `tasks_per_worker` tasks: fewer spreads one model's tasks over more workers, more saves start-ups.
+    Ready jobs go in priority order (the longest estimated chain to the end first; `prioritize=False`:
+    plan order), each only once it fits in the cluster's free resources (see the module docstring).
+
+    `task` is what a Ray task runs for a batch (default `jobs.run_batch`; a fresh worker process each
+    time); a `ray.remote` function is used as it is. `estimate` gives a job's expected seconds
+    (default `scheduling.estimate_seconds`, by kind).
+    """
     import ray
 
     from pefteval_harness.jobs import run_batch
 
+    estimate = estimate or scheduling.estimate_seconds
+    task = task or run_batch
     # A fresh worker process per task: training sets process-wide state (torch.distributed, DeepSpeed
     # environment), and the peak memory a job records is then its own.
-    remote = ray.remote(max_calls=1)(run_batch)
+    remote = task if isinstance(task, ray.remote_function.RemoteFunction) else ray.remote(max_calls=1)(task)
+    store_url = getattr(store, "url", None) or str(store.root)
+    gpu_memory_gb = plan.spec.resources.gpu_memory_gb
+    order = scheduling.priorities(plan.jobs, estimate) if prioritize else {}
+    position = {job.id: i for i, job in enumerate(plan.jobs)}
     summary = RunSummary()
     owner = new_run_id()
     state: dict[str, str] = {}  # job id -> done | failed (settled jobs only)
     attempts: dict[str, int] = {}
-    in_flight: dict[ray.ObjectRef, list[Job]] = {}
+    in_flight: dict[ray.ObjectRef, _Running] = {}
     elsewhere: set[str] = set()  # held by another live run: waited for
     held: set[str] = set()
 
@@ -158,99 +195,182 @@ def execute(plan: Plan, store: Store, max_retries: int = 1, tasks_per_worker: in
         if job.id in state:
             delete_spent_artifacts(job)
 
-    def fail(job: Job, outcome: dict) -> None:
-        state[job.id] = FAILED
+    def settle(job: Job, outcome: dict) -> None:
+        """Record a job's end (done by its worker, or failed here) and let go of it."""
+        if outcome["state"] == DONE:
+            state[job.id] = DONE
+            summary.ran.append(job.id)
+            log.info("done %s", _name(job))
+        else:
+            state[job.id] = FAILED
+            summary.failed[job.id] = outcome["reason"]
+            store.record(
+                job.model_dump(mode="json"),
+                FAILED,
+                reason=outcome["reason"],
+                error_class=outcome["error_class"],
+                attempts=attempts.get(job.id, 0),
+            )
+            log.error("FAILED %s: %s", _name(job), outcome["reason"])
+        if job.id in held:
+            store.release(job.id, owner)
+            held.discard(job.id)
         delete_spent_artifacts(job)
-        summary.failed[job.id] = outcome["reason"]
-        store.record(
-            job.model_dump(mode="json"),
-            FAILED,
-            reason=outcome["reason"],
-            error_class=outcome["error_class"],
-            attempts=attempts.get(job.id, 0),
-        )
-        log.error("FAILED %s: %s", _name(job), outcome["reason"])
 
-    def submit(batch: list[Job]) -> None:
+    def resources_of(job: Job) -> Resources:
+        return scheduling.gpu_share(job.resources, gpu_memory_gb)
+
+    def claimed(batch: list[Job]) -> list[Job]:
+        """The jobs of a batch this run takes: not finished by another run meanwhile, and claimed here."""
+        mine = []
+        for job in batch:
+            if done_in_store(job):  # another run finished it
+                state[job.id] = DONE
+                summary.skipped.append(job.id)
+                elsewhere.discard(job.id)
+            elif store.claim(job.id, owner):
+                elsewhere.discard(job.id)
+                held.add(job.id)
+                mine.append(job)
+            else:
+                if job.id not in elsewhere:
+                    log.info("%s is being run by another run; waiting for it", _name(job))
+                elsewhere.add(job.id)
+        return mine
+
+    def submit(batch: list[Job], res: Resources) -> None:
         for job in batch:
             attempts[job.id] = attempts.get(job.id, 0) + 1
-        res = batch[0].resources
+        gang = res.workers > 1
         options = dict(
-            num_cpus=res.num_cpus,
-            num_gpus=res.num_gpus,
-            max_retries=max_retries,  # the worker process died: Ray runs the task again
+            # A gang's coordinator holds nothing: its Ray Train workers ask for the job's resources.
+            num_cpus=0 if gang else res.num_cpus,
+            num_gpus=0 if gang else res.num_gpus,
+            max_retries=max_retries,  # the worker process or its node died: Ray runs the task again
             name=f"{batch[0].kind}:{batch[0].label}" + (f" ({len(batch)} tasks)" if len(batch) > 1 else ""),
         )
-        if res.memory_gb:
+        if res.memory_gb and not gang:
             options["memory"] = int(res.memory_gb * 2**30)
         threads = max(1, int(res.num_cpus))
-        ref = remote.options(**options).remote([j.model_dump(mode="json") for j in batch], str(store.root), threads)
-        in_flight[ref] = batch
+        jobs = [j.model_copy(update={"resources": res}).model_dump(mode="json") for j in batch]
+        ref = remote.options(**options).remote(jobs, store_url, threads)
+        # A batch's timeout is the per-job one times its jobs: they run one after the other.
+        timeout = res.timeout_minutes * 60 * len(batch) if res.timeout_minutes else None
+        now = time.monotonic()
+        in_flight[ref] = _Running(batch, res, now, now + sum(estimate(j) for j in batch), timeout)
         log.info("submitted %s %s", batch[0].kind, ", ".join(j.id for j in batch))
 
     with _Heartbeat(store, owner, held):
         while True:
-            # Settle what upstream failures decide, then submit every job whose inputs are done.
-            batches: dict[str | None, list[Job]] = {}
-            running = {j.id for batch in in_flight.values() for j in batch}
+            # Settle what upstream failures decide; the rest whose inputs are done are ready.
+            settled_before = len(state)
+            running = {j.id for r in in_flight.values() for j in r.jobs}
+            ready: list[Job] = []
             for job in plan.jobs:
                 if job.id in state or job.id in running:
                     continue
                 failed_inputs = [d for d in job.deps if state.get(d) == FAILED]
                 if failed_inputs:
-                    fail(job, {"reason": f"upstream job {failed_inputs[0]} failed", "error_class": "upstream"})
+                    settle(job, _failure(f"upstream job {failed_inputs[0]} failed", "upstream"))
+                elif all(state.get(d) == DONE for d in job.deps):
+                    ready.append(job)
+            groups: dict[str, list[Job]] = {}
+            for job in sorted(ready, key=lambda j: (-order.get(j.id, 0), position[j.id])):
+                groups.setdefault(_batch_key(job) or job.id, []).append(job)
+            batches = [g[i : i + tasks_per_worker] for g in groups.values() for i in range(0, len(g), tasks_per_worker)]
+            if prioritize:  # a batch runs its jobs one after the other: its chain is their sum, then the longest after
+                batches.sort(key=lambda b: -(sum(map(estimate, b)) + max(order[j.id] - estimate(j) for j in b)))
+            else:
+                batches.sort(key=lambda b: position[b[0].id])
+
+            # Pack: the cluster as it is now (live nodes; nodes come and go), minus what runs on it.
+            totals = scheduling.Cluster.of_ray()
+            free = totals.copy()
+            for run in in_flight.values():
+                free.place(run.resources)
+            now = time.monotonic()
+            reserved: tuple[float, scheduling.Cluster] | None = None  # for the first job that must wait
+            for batch in batches:
+                try:
+                    res = resources_of(batch[0])
+                    why = scheduling.infeasible(res, totals)
+                except BadInput as e:
+                    why = str(e)
+                if why:  # never placeable here: fail now rather than wait forever
+                    for job in batch:
+                        settle(job, _failure(f"{_name(job)} {why}", "bad_input"))
                     continue
-                if not all(state.get(d) == DONE for d in job.deps):
-                    continue
-                if done_in_store(job):  # another run finished it
-                    state[job.id] = DONE
-                    summary.skipped.append(job.id)
-                    elsewhere.discard(job.id)
-                    continue
-                if not store.claim(job.id, owner):
-                    if job.id not in elsewhere:
-                        log.info("%s is being run by another run; waiting for it", _name(job))
-                    elsewhere.add(job.id)
-                    continue
-                elsewhere.discard(job.id)
-                held.add(job.id)
-                key = _batch_key(job)
-                batches.setdefault(key or job.id, []).append(job)
-            for batch in batches.values():
-                for start in range(0, len(batch), tasks_per_worker):
-                    submit(batch[start : start + tasks_per_worker])
-            if not in_flight and not elsewhere:
-                break
-            if not in_flight:  # only jobs of another run left: look again in a moment
-                time.sleep(POLL_SECONDS)
-                continue
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS if elsewhere else None)
-            for ref in ready:
-                batch = in_flight.pop(ref)
+                if reserved is None:
+                    if not free.fits(res):
+                        running_now = [(r.resources, r.expected_end) for r in in_flight.values()]
+                        reserved = scheduling.shadow(running_now, totals, res, now)
+                        log.debug("%s waits for room, in about %.0f s", _name(batch[0]), reserved[0] - now)
+                        continue
+                    ends_in_time = True
+                else:
+                    # Backfill: runs now only if it cannot delay the waiting job (EASY backfilling).
+                    ends_in_time = now + sum(map(estimate, batch)) <= reserved[0]
+                    if not free.fits(res) or not (ends_in_time or reserved[1].fits(res)):
+                        continue
+                batch = claimed(batch)
+                if batch:
+                    free.place(res)
+                    if not ends_in_time:
+                        reserved[1].place(res)
+                    submit(batch, res)
+
+            if not in_flight:
+                if all(job.id in state for job in plan.jobs):
+                    break
+                if elsewhere:  # only jobs of another run left: look again in a moment
+                    time.sleep(POLL_SECONDS)
+                continue  # else jobs settled above made others ready
+            # Wake up for the first finished batch, the next deadline, or to look at other runs' jobs.
+            now = time.monotonic()
+            wait = [r.deadline - now for r in in_flight.values() if r.deadline is not None]
+            wait += [POLL_SECONDS] if elsewhere else []
+            wait += [0] if len(state) > settled_before else []  # jobs settled here may have made others ready
+            done_refs, _ = ray.wait(list(in_flight), num_returns=1, timeout=max(0, min(wait)) if wait else None)
+            for ref in done_refs:
+                run = in_flight.pop(ref)
                 try:
                     outcomes = ray.get(ref)
-                except Exception as e:  # the worker died every time Ray tried it
-                    outcomes = {j.id: {"state": FAILED, "reason": _cause(e), "error_class": "error",
-                                       "retryable": False} for j in batch}
+                except Exception as e:  # the worker (or its node) died every time Ray tried it
+                    outcomes = {j.id: _failure(_cause(e), _error_class(e)) for j in run.jobs}
                 retry = []
-                for job in batch:
+                for job in run.jobs:
                     outcome = outcomes[job.id]
-                    if outcome["state"] == DONE:
-                        state[job.id] = DONE
-                        summary.ran.append(job.id)
-                        log.info("done %s", _name(job))
-                    elif outcome.get("retryable") and attempts[job.id] <= max_retries:
+                    if outcome["state"] != DONE and outcome.get("retryable") and attempts[job.id] <= max_retries:
                         log.warning("retrying %s: %s", _name(job), outcome["reason"])
                         retry.append(job)
                     else:
-                        fail(job, outcome)
-                    if job.id in state:
-                        store.release(job.id, owner)
-                        held.discard(job.id)
-                        delete_spent_artifacts(job)
+                        settle(job, outcome)
                 if retry:
-                    submit(retry)
+                    submit(retry, run.resources)
+            for ref, run in list(in_flight.items()):
+                if run.deadline is not None and time.monotonic() >= run.deadline:
+                    ray.cancel(ref, force=True)
+                    del in_flight[ref]
+                    minutes = f"{run.resources.timeout_minutes * len(run.jobs):g}"
+                    for job in run.jobs:  # a batch's jobs its worker finished before are done
+                        timed_out = _failure(f"timeout: still running after {minutes} min", "timeout")
+                        settle(job, {"state": DONE} if store.is_done(job.id) else timed_out)
     return summary
+
+
+@dataclass
+class _Running:
+    """A submitted batch: its jobs, the resources each of its workers holds, and when it should end."""
+
+    jobs: list[Job]
+    resources: Resources
+    started: float  # time.monotonic() at submission (with packing, about when it starts)
+    expected_end: float
+    timeout: float | None  # seconds
+
+    @property
+    def deadline(self) -> float | None:
+        return self.started + self.timeout if self.timeout is not None else None
 
 
 def _name(job: Job) -> str:
@@ -258,10 +378,29 @@ def _name(job: Job) -> str:
 
 
 def _cause(error: Exception) -> str:
-    """The original exception's one-line message, out of Ray's wrapper."""
+    """The original exception's one-line message, out of Ray's wrapper.
+
+    A job's own error says what went wrong on its last line (Python's convention); Ray's system errors
+    (the worker, its node or the driver that owned it died) say it on their first."""
     import ray
 
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
         error = error.cause
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    system = isinstance(error, ray.exceptions.RayError) and not isinstance(error, ray.exceptions.RayTaskError)
+    line = (lines[0] if system else lines[-1]) if lines else ""
+    return f"{type(error).__name__}: {line.strip()}"
+
+
+def _failure(reason: str, error_class: str) -> dict:
+    return {"state": FAILED, "reason": reason, "error_class": error_class, "retryable": False}
+
+
+def _error_class(error: Exception) -> str:
+    """Class "system" when Ray lost the worker or its node (NodeDiedError, WorkerCrashedError, OwnerDiedError,
+    OutOfMemoryError...), else "error"."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayError) and not isinstance(error, ray.exceptions.RayTaskError):
+        return "system"
+    return "error"

@@ -113,6 +113,7 @@ class FinetuneSpec(_Frozen):
     deepspeed: DeepSpeedSettings | None = None
     train: dict[str, Any] = Field(default_factory=dict, description="overrides of the top-level train:")
     per_task: bool = Field(False, description="one fine-tune per training task (experts to merge)")
+    resources: dict[str, Any] = Field(default_factory=dict, description="overrides of resources.train (workers, ...)")
     evaluate: bool = True
     sweep: SweepGrid = Field(default_factory=dict, description=SWEEP_DESCRIPTION)
 
@@ -120,6 +121,15 @@ class FinetuneSpec(_Frozen):
     @classmethod
     def _sweep_paths(cls, grid: SweepGrid) -> SweepGrid:
         return _check_grid(grid, cls, {"train": TrainSettings, "deepspeed": DeepSpeedSettings})
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_fields(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        try:
+            Resources.model_validate(overrides)
+        except ValidationError as e:
+            raise at(*error_message(e)) from None
+        return overrides
 
     @model_validator(mode="after")
     def _method_and_params(self) -> FinetuneSpec:
@@ -302,6 +312,18 @@ class ResourcesSpec(_Frozen):
     tasks_per_worker: int = Field(
         24, ge=1, description="a model's evaluations one worker runs on one model load (fewer: more spread)"
     )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one GPU of the cluster: turns accelerator_memory_gb into a GPU share"
+    )
+
+    @model_validator(mode="after")
+    def _kinds_can_do_it(self) -> ResourcesSpec:
+        for kind in ("merge", "evaluate", "analyze"):
+            if getattr(self, kind).workers > 1:
+                raise at(f"{kind}.workers", "only fine-tunes run as a gang of workers (resources.train.workers)")
+        if self.merge.num_gpus or self.merge.accelerator_memory_gb:
+            raise at("merge.num_gpus", "merges run on CPU (they stream tensors from disk): ask for none")
+        return self
 
 
 class Spec(_Frozen):
@@ -337,7 +359,11 @@ class Spec(_Frozen):
     @field_validator("output")
     @classmethod
     def _output_is_absolute(cls, output: str | None, info: ValidationInfo) -> str | None:
-        return None if output is None else str(resolve_path(output, info))
+        from pefteval_harness.store import is_url
+
+        if output is None or is_url(output):  # a store URL (s3://, file://...) is taken as written
+            return output
+        return str(resolve_path(output, info))
 
     @model_validator(mode="after")
     def _names_and_references(self) -> Spec:

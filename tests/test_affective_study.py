@@ -1,17 +1,17 @@
-"""The affective comparison end to end, as users run it: prompting strategies on AU and AG tasks, with the
-local judge, through `pefteval run`; and the bad inputs that stop it before it starts. (Strategies crossed
-with fine-tuned models: tests/test_prompting.py plans it, tests/test_affect_report.py reports it, and
-examples/affective_small.yaml runs it.)"""
+"""The affective comparison end to end: prompting strategies on AU and AG tasks, with the local judge,
+through `pefteval run` (its CLI entry point, on the session's Ray); and the bad inputs that stop it before
+it starts. (Strategies crossed with fine-tuned models: tests/test_prompting.py plans it,
+tests/test_affect_report.py reports it, and examples/affective_small.yaml runs it.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 import yaml
-from conftest import PEFTEVAL
+
+from tests.test_pipeline import pefteval_here
 
 DATA = os.environ.get("PEFTEVAL_DATA_DIR")
 needs_data = pytest.mark.skipif(not DATA, reason="needs real records: set PEFTEVAL_DATA_DIR (see README, Tests)")
@@ -20,11 +20,11 @@ AU = ["pefteval_affect_sst2", "pefteval_affect_sst2_gen"]
 AG = "pefteval_affect_esconv"
 
 
-def run(spec: dict, tmp_path) -> subprocess.CompletedProcess:
+def run(spec: dict, tmp_path) -> tuple[int, str]:
+    """`pefteval run` in this process (on the session's Ray): its exit code and what it printed."""
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    command = [*PEFTEVAL, "run", str(path), "--output", str(tmp_path / "out")]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+    return pefteval_here("run", path, "--output", tmp_path / "out")
 
 
 @needs_data
@@ -51,9 +51,10 @@ def test_bad_affective_specs_stop_with_one_line_and_exit_2(tmp_path, capsys, eva
 
 @needs_data
 @pytest.mark.slow
-def test_strategies_with_a_judge_end_to_end(tmp_path):
+def test_strategies_with_a_judge_end_to_end(tmp_path, tiny_model_dir, local_ray):
     spec = {
         "name": "affective_tiny",
+        "base_model": str(tiny_model_dir),  # the session's tiny model, used in place (no build job)
         "evaluate": {
             "tasks": [*AU, AG],
             "limit": 3,
@@ -62,14 +63,14 @@ def test_strategies_with_a_judge_end_to_end(tmp_path):
                 {"kind": "k_shot", "k": 2, "pool": 4, "tasks": ["pefteval_affect_sst2*"]},
                 {"kind": "cot", "max_gen_toks": 12},
             ],
-            "judge": {"model": "tiny", "max_new_tokens": 8},
+            "judge": {"model": str(tiny_model_dir), "max_new_tokens": 8},
         },
     }
-    out = run(spec, tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "0 failed" in out.stdout
-    # the tiny base; sst2 in both forms zero- and 2-shot, its generative form under CoT; ESConv zero-shot
-    assert "7 jobs ran" in out.stdout
+    code, printed = run(spec, tmp_path)
+    assert code == 0, printed[-3000:]
+    assert "0 failed" in printed
+    # sst2 in both forms zero- and 2-shot, its generative form under CoT; ESConv zero-shot
+    assert "6 jobs ran" in printed
 
     records = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
     scores = [r for r in records if r["record"] == "score"]

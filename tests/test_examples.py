@@ -15,6 +15,15 @@ from pefteval_harness.finetuning import FINETUNE_METHODS
 from tests.conftest import PEFTEVAL, REPO
 
 
+def planned(spec: str) -> str:
+    """The plan table `pefteval plan` prints for a shipped spec, built in this process (a subprocess costs
+    seconds of imports); the experiments below, which need another HF cache, run the command itself."""
+    from pefteval_harness.plan import build_plan
+    from pefteval_harness.spec import load_spec
+
+    return build_plan(load_spec(REPO / spec)[0]).describe()
+
+
 def plan(spec: str, **env: str | None) -> str:
     """`pefteval plan` of a shipped spec; `env` adds variables, or removes those given as None."""
     environment = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
@@ -34,7 +43,7 @@ def rows(described: str) -> list[list[str]]:
 def test_the_small_example_compares_every_method_on_every_family():
     spec = yaml.safe_load((REPO / "examples/peft_vs_fft_small.yaml").read_text())
     assert {finetune["method"] for finetune in spec["finetunes"].values()} == set(FINETUNE_METHODS)
-    table = rows(plan("examples/peft_vs_fft_small.yaml"))
+    table = rows(planned("examples/peft_vs_fft_small.yaml"))
     kinds = Counter(row[1] for row in table)
     trained = {row[2] for row in table if row[1] == "train"}
     assert {label.split("[")[0] for label in trained} == set(spec["finetunes"])
@@ -78,7 +87,7 @@ def test_the_cluster_experiment_plans_offline_from_a_cached_base(tmp_path):
 
 def test_the_small_merge_scaling_example_merges_every_k_with_four_methods():
     spec = yaml.safe_load((REPO / "examples/merge_scaling_small.yaml").read_text())
-    table = rows(plan("examples/merge_scaling_small.yaml"))
+    table = rows(planned("examples/merge_scaling_small.yaml"))
     kinds = Counter(row[1] for row in table)
     assert kinds["train"] == 8  # the pool of experts
     merged = [row[2] for row in table if row[1] == "merge"]
@@ -106,10 +115,7 @@ def test_the_merge_scaling_experiment_plans_offline_from_a_cached_base(tmp_path)
 
 
 def test_the_small_affective_example_crosses_methods_and_strategies():
-    from pefteval_harness.plan import build_plan
-    from pefteval_harness.spec import load_spec
-
-    table = rows(build_plan(load_spec(REPO / "examples/affective_small.yaml")[0]).describe())  # in this process
+    table = rows(planned("examples/affective_small.yaml"))
     kinds = Counter(row[1] for row in table)
     assert kinds["train"] == 4 and {row[2] for row in table if row[1] == "train"} == {
         "full", "lora", "p_tuning", "prompt_tuning"

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
 import torch
 
 from pefteval_harness import finetuning
 from pefteval_harness.merging import methods as merge_methods
-from tests.conftest import PEFTEVAL, REPO
+from tests.conftest import REPO
 
 
 def readme_block(name: str) -> str:
@@ -77,14 +76,18 @@ def test_a_new_merge_method_merges_and_is_listed(median):
     assert [p["name"] for p in described[median.name]["parameters"]] == ["scaling"]
 
 
-def test_methods_command_lists_every_registered_method():
-    out = subprocess.run([*PEFTEVAL, "methods"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+def test_methods_command_lists_every_registered_method(capsys):
+    """`pefteval methods` in this process (its CLI entry point): a subprocess costs seconds of imports."""
+    from pefteval_harness.cli import main
+
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out
     for name in [*finetuning.FINETUNE_METHODS, *merge_methods.MERGE_METHODS]:
-        assert f"| {name} " in out.stdout
-    assert "density: float in (0, 1] = 0.7" in out.stdout  # ties' and rht's typed parameter and default
-    only = subprocess.run([*PEFTEVAL, "methods", "merge"], capture_output=True, text=True, timeout=120)
-    assert "Fine-tuning methods" not in only.stdout and "| rht " in only.stdout
+        assert f"| {name} " in listed
+    assert "density: float in (0, 1] = 0.7" in listed  # ties' and rht's typed parameter and default
+    assert main(["methods", "merge"]) == 0
+    only = capsys.readouterr().out
+    assert "Fine-tuning methods" not in only and "| rht " in only
 
 
 def test_models_load_from_safetensors_never_from_a_pickle_beside_them(tmp_path, tiny_model_dir):

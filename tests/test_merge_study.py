@@ -1,6 +1,7 @@
-"""The merge-scaling study end to end, as a user runs it: per-task LoRA experts, merges of k of them with
-two methods over seeded subsets, each scored, its theory quantities recorded and its model deleted once
-scored; the report's Scaling section; a new task rebuilds the deleted merges and nothing else."""
+"""The merge-scaling study end to end (`pefteval run` on the session's Ray): per-task LoRA experts, merges
+of k of them with two methods over seeded subsets, each scored, its theory quantities recorded and its
+model deleted once scored; the report's Scaling section; a new task rebuilds the deleted merges and
+nothing else."""
 
 from __future__ import annotations
 
@@ -10,40 +11,43 @@ import math
 import pytest
 
 from pefteval_harness.store import Store
-from tests.test_pipeline import pefteval
+from tests.test_pipeline import pefteval_here
 
 pytestmark = pytest.mark.slow
 
+# Two experts, one subset per k: k = 1 and k = 2 are the two cases the theory quantities tell apart (how
+# many subsets per k a spec gets is tests/test_scaling_sweep.py's). The base is the session's tiny model
+# folder, used in place (`base_model: tiny`, a build job, is the quickstart's).
 SPEC = """
 name: scaling
-base_model: tiny
+base_model: {base}
 seed: 1234
 train:
-  tasks: [pefteval_quick_sentiment, pefteval_quick_topic, pefteval_quick_arithmetic]
+  tasks: [pefteval_quick_sentiment, pefteval_quick_topic]
   limit: 32
   epochs: 1
   batch_size: 16
   learning_rate: 0.01
 finetunes:
-  expert: {method: lora, per_task: true, evaluate: false}
+  expert: {{method: lora, per_task: true, evaluate: false}}
 merges:
-  ta: {method: task_arithmetic, experts: expert, subsets: {k: [1, 3], per_k: 2}, theory: true, keep_model: false}
-  rht: {method: rht, experts: expert, subsets: {k: [1, 3], per_k: 2}, theory: {width_samples: 16}}
+  ta: {{method: task_arithmetic, experts: expert, subsets: {{k: [1, 2], per_k: 1}}, theory: true, keep_model: false}}
+  rht: {{method: rht, experts: expert, subsets: {{k: [1, 2], per_k: 1}}, theory: {{width_samples: 16}}}}
 evaluate:
-  tasks: [%s]
+  tasks: [{tasks}]
   limit: 10
   batch_size: 16
 """
 
 
-def test_scaling_study_scores_records_theory_and_deletes_spent_merges(tmp_path):
+def test_scaling_study_scores_records_theory_and_deletes_spent_merges(tmp_path, tiny_model_dir, local_ray):
     spec, out = tmp_path / "scaling.yaml", tmp_path / "run"
-    spec.write_text(SPEC % "pefteval_quick_sentiment")
-    first = pefteval("run", spec, "--output", out, timeout=900)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    spec.write_text(SPEC.format(base=tiny_model_dir, tasks="pefteval_quick_sentiment"))
+    code, first = pefteval_here("run", spec, "--output", out)
+    assert code == 0, first[-2000:]
     plan = json.loads((out / "plan.json").read_text())
     merges = [j for j in plan["jobs"] if j["config"]["kind"] == "merge"]
-    assert len(merges) == 2 * (2 + 1)  # per method: k=1 two subsets, k=3 the one there is
+    assert len(merges) == 2 * 2  # per method: one subset of each k
     store = Store(out)
     for job in merges:
         theory = store.result(job["id"])["theory"]
@@ -67,13 +71,13 @@ def test_scaling_study_scores_records_theory_and_deletes_spent_merges(tmp_path):
     assert (out / "plots" / "scaling.png").exists()
 
     # A new task: the deleted merges are rebuilt to be scored on it, then deleted again.
-    spec.write_text(SPEC % "pefteval_quick_sentiment, pefteval_quick_topic")
-    second = pefteval("run", spec, "--output", out, timeout=900)
-    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
+    spec.write_text(SPEC.format(base=tiny_model_dir, tasks="pefteval_quick_sentiment, pefteval_quick_topic"))
+    code, second = pefteval_here("run", spec, "--output", out)
+    assert code == 0, second[-2000:]
     jobs = json.loads((out / "plan.json").read_text())["jobs"]
     topic = [j for j in jobs if j["config"]["kind"] == "evaluate" and j["config"]["task"] == "pefteval_quick_topic"]
     assert len(topic) == 1 + len(merges) and all(store.is_done(j["id"]) for j in topic)
     rebuilt = sum(j["lineage"]["sweep_of"] == "ta" for j in merges)
-    assert f"{len(topic) + rebuilt} jobs ran" in second.stdout  # nothing else: the kept merges are reused
+    assert f"{len(topic) + rebuilt} jobs ran" in second  # nothing else: the kept merges are reused
     for job in merges:
         assert store.artifact_deleted(job["id"]) == (job["lineage"]["sweep_of"] == "ta")

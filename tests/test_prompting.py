@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import yaml
-from conftest import PEFTEVAL
 
 from pefteval_harness.errors import BadInput
 from pefteval_harness.jobs.types import EvaluateConfig, identity_fields
@@ -116,7 +114,10 @@ def test_a_strategy_that_applies_to_no_task_is_refused(tmp_path):
         plan_of(tmp_path, {"strategies": ["cot"]})
 
 
-def test_k_shot_larger_than_the_local_training_pool_is_one_line_and_exit_2(tmp_path):
+def test_k_shot_larger_than_the_local_training_pool_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """`pefteval run` in this process (its CLI entry point): a subprocess costs seconds of imports."""
+    from pefteval_harness.cli import main
+
     data = tmp_path / "data" / "sst2"
     data.mkdir(parents=True)
     records = [{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(3)]
@@ -126,12 +127,9 @@ def test_k_shot_larger_than_the_local_training_pool_is_one_line_and_exit_2(tmp_p
     spec.write_text(
         yaml.safe_dump({"evaluate": {"tasks": ["pefteval_peft_sst2"], "strategies": [{"kind": "k_shot", "k": 4}]}})
     )
-    env = {**__import__("os").environ, "PEFTEVAL_DATA_DIR": str(tmp_path / "data")}
-    out = subprocess.run(
-        [*PEFTEVAL, "run", str(spec), "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env
-    )
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
+    monkeypatch.setenv("PEFTEVAL_DATA_DIR", str(tmp_path / "data"))
+    assert main(["run", str(spec), "--output", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert (
         len(lines) == 1
         and "k-shot needs a pool of 4 examples, but pefteval_peft_sst2's few-shot split has 3" in lines[0]

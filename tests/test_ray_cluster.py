@@ -1,22 +1,19 @@
-"""The documented cluster path (cluster/README.md), end to end on a one-node loopback Ray cluster:
+"""The documented cluster path (cluster/README.md), end to end on a two-node loopback Ray cluster:
 
-    ray start --head ... (127.0.0.1 only)
+    ray start --head ...                   (127.0.0.1 only, its own ports and temp folder)
+    a second node joining it               (another process tree, its own ports; see WORKER_NODE)
     ray job submit --address http://127.0.0.1:<dashboard> --working-dir <folder with the spec>
         --runtime-env cluster/runtime_env.yaml -- pefteval run spec.yaml --output <absolute path>
 
-then the same submission again, which must redo nothing (resume). The cluster is this test's own: it is
-started as a child process tree (`ray start --block` in a new session) and torn down by killing exactly
-that tree, never with `ray stop` (which stops every Ray on the machine, other tests' too).
+then the same submission again, which must redo nothing (resume). The evaluations run one per node. The
+cluster is this test's own: each node is a child process tree (`ray start --block` in a new session), torn
+down by killing exactly that tree, never with `ray stop` (which stops every Ray on the machine).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,16 +21,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
+from pefteval_harness.store import Store
 from tests.conftest import REPO
+from tests.loopback import BIN, assert_listens_on_loopback_only, cluster_env, free_ports, kill_tree
 
-BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 PEFTEVAL = str(BIN / "pefteval")
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
 
+# One task per worker and one CPU per node: the two evaluations run at once, one on each node.
 SPEC = """\
 name: cluster-smoke
 base_model: tiny
@@ -41,11 +39,12 @@ evaluate:
   tasks: [pefteval_quick_sentiment, pefteval_quick_arithmetic]
   limit: 8
   batch_size: 8
+resources: {tasks_per_worker: 1}
 """
 
 # The one Ray port flag each service needs: every port is chosen free on 127.0.0.1, so this cluster
 # never collides with another Ray on the machine (defaults such as 10001 or 52365 would).
-PORT_FLAGS = (
+HEAD_PORT_FLAGS = (
     "port",
     "dashboard-port",
     "ray-client-server-port",
@@ -56,79 +55,41 @@ PORT_FLAGS = (
     "node-manager-port",
     "object-manager-port",
 )
+HEAD_FLAGS = [
+    "--block",
+    "--node-ip-address=127.0.0.1",
+    "--num-cpus=1",
+    "--object-store-memory=200000000",
+    "--disable-usage-stats",
+]
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _is_loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:  # ::ffff:127.0.0.1
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
-
-
-def _cluster_env() -> dict[str, str]:
-    """Environment of the cluster and of the CLI calls: loopback Ray, offline, no usage report."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keeps the node on 127.0.0.1
-        RAY_AUTH_MODE="disabled",
-        RAY_USAGE_STATS_ENABLED="0",  # no usage report sent anywhere
-        # A job inherits the environment its node's Ray was started with: this is how the HF offline
-        # switches reach `pefteval run` and its tasks (cluster/runtime_env.yaml leaves them commented).
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        DS_ACCELERATOR="cpu",
-        # The job's entrypoint is the `pefteval` command: the node's PATH must find this venv's.
-        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-    for key in ("NO_PROXY", "no_proxy"):  # an HTTP proxy must never see the loopback job API
-        env[key] = ",".join(filter(None, [env.get(key), "127.0.0.1", "localhost"]))
-    return env
-
-
-def _kill_tree(root: subprocess.Popen, temp_dir: str) -> None:
-    """Stop the cluster this test started, and only it: the `ray start` process and its descendants,
-    plus any process whose command line names this test's own Ray temp folder (orphans)."""
-    procs: list[psutil.Process] = []
-    try:
-        parent = psutil.Process(root.pid)
-        procs = [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        pass
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in arg for arg in proc.info["cmdline"] or ()) and proc not in procs:
-                procs.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    if root.poll() is None:
-        root.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its services
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    try:
-        root.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
+# `ray start --address` refuses to start a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps Ray
+# on 127.0.0.1), and with =1 it moves a 127.0.0.1 node to the machine's network address. So the second
+# node starts as `ray start --address <gcs> --block` starts one, through Ray's own Node class (as
+# ray.cluster_utils does), without that guard: its own process tree, until it is sent SIGTERM.
+WORKER_NODE = """\
+import signal, sys, time
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+ports = {k: int(v) for k, v in (a.split("=") for a in sys.argv[2:])}
+params = RayParams(gcs_address=sys.argv[1], node_ip_address="127.0.0.1", num_cpus=1,
+                   object_store_memory=200_000_000, min_worker_port=0, max_worker_port=0, **ports)
+node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # exits through atexit: the node's processes stop
+print("node", node.node_id, flush=True)
+while True:
+    time.sleep(1)
+"""
+# The node's ports as RayParams names them (metrics_agent_port is `--dashboard-agent-grpc-port`).
+NODE_PORTS = (
+    "node_manager_port",
+    "object_manager_port",
+    "dashboard_agent_listen_port",
+    "metrics_agent_port",
+    "runtime_env_agent_port",
+    "metrics_export_port",
+)
 
 NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -148,50 +109,52 @@ def _wait_for_dashboard(url: str, process: subprocess.Popen, log: Path, timeout:
     raise RuntimeError(f"Ray dashboard at {url} not up after {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _live_nodes(gcs: str, env: dict) -> list[dict]:
+    probe = (
+        "import json, sys, ray; ray.init(address=sys.argv[1], log_to_driver=False);"
+        " print(json.dumps([[n['NodeID'], n['NodeManagerAddress']] for n in ray.nodes() if n['Alive']]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, gcs], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    return [dict(zip(("id", "ip"), n, strict=True)) for n in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
 @pytest.fixture
 def loopback_cluster():
-    """A one-node Ray cluster on 127.0.0.1 with its own temp folder and ports; killed afterwards."""
+    """A two-node Ray cluster on 127.0.0.1 with its own temp folder and ports; killed afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="pefteval-ray-", dir="/tmp")  # short: Ray's socket paths
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
-    env = _cluster_env()
-    log = Path(temp_dir) / "ray-start.log"
-    command = [
-        RAY,
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        *(f"--{flag}={port}" for flag, port in ports.items()),
-        "--num-cpus=2",
-        "--object-store-memory=200000000",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    ports = iter(free_ports(len(HEAD_PORT_FLAGS) + len(NODE_PORTS)))
+    head_ports = {flag: next(ports) for flag in HEAD_PORT_FLAGS}
+    node_ports = {name: next(ports) for name in NODE_PORTS}  # the second node's own
+    env = cluster_env()
+    gcs = f"127.0.0.1:{head_ports['port']}"
+    head_log, node_log = Path(temp_dir) / "ray-head.log", Path(temp_dir) / "ray-node.log"
+    head_flags = [f"--{flag}={port}" for flag, port in head_ports.items()]
+    head_flags += ["--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}"]
+    head = _start([RAY, "start", "--head", *HEAD_FLAGS, *head_flags], env, head_log)
+    node = None
     try:
-        dashboard = f"http://127.0.0.1:{ports['dashboard-port']}"
-        _wait_for_dashboard(dashboard, process, log)
-        gcs = f"127.0.0.1:{ports['port']}"
-        probe = (
-            "import json, sys, ray; ray.init(address=sys.argv[1], log_to_driver=False);"
-            " print(json.dumps(sorted({n['NodeManagerAddress'] for n in ray.nodes()})))"
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", probe, gcs], env=env, capture_output=True, text=True, timeout=60, check=True
-        )
-        assert json.loads(done.stdout.strip().splitlines()[-1]) == ["127.0.0.1"]
-        # Nothing this cluster runs listens beyond loopback.
-        for proc in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-            try:
-                listening = [c.laddr.ip for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-            assert all(_is_loopback(ip) for ip in listening), f"{proc.name()} listens on {listening}"
-        yield {"dashboard": dashboard, "gcs": gcs, "env": env, "temp_dir": temp_dir}
+        dashboard = f"http://127.0.0.1:{head_ports['dashboard-port']}"
+        _wait_for_dashboard(dashboard, head, head_log)
+        node_args = [f"{name}={port}" for name, port in node_ports.items()]
+        node = _start([sys.executable, "-c", WORKER_NODE, gcs, *node_args], env, node_log)
+        deadline, nodes = time.monotonic() + 60, []
+        while len(nodes) < 2:
+            assert node.poll() is None, f"worker node exited:\n{node_log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"worker node did not join:\n{node_log.read_text()[-4000:]}"
+            time.sleep(1)
+            nodes = _live_nodes(gcs, env)
+        assert {n["ip"] for n in nodes} == {"127.0.0.1"}, nodes
+        assert_listens_on_loopback_only([head.pid, node.pid])  # nothing this cluster runs is reachable from outside
+        yield {"dashboard": dashboard, "gcs": gcs, "env": env, "nodes": {n["id"] for n in nodes}}
     finally:
-        _kill_tree(process, temp_dir)
+        kill_tree([node, head] if node else [head], temp_dir)  # the worker node first
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -245,6 +208,11 @@ def test_ray_job_submit_runs_and_resumes(loopback_cluster, tmp_path):
     for row in base.values():
         assert isinstance(row["value"], (int, float)), row
         assert row["job_id"].startswith("evaluate-"), row
+
+    # Each evaluation records the node that ran it: one on each node.
+    store = Store(output)
+    nodes = {store.result(row["job_id"])["pefteval"]["ray_node_id"] for row in base.values()}
+    assert nodes == loopback_cluster["nodes"], nodes
 
     second = _submit(loopback_cluster, job_dir, output)
     assert "0 jobs ran, 3 already done, 0 failed" in second, second[-6000:]

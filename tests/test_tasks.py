@@ -78,16 +78,18 @@ def test_globs_groups_and_tags_resolve_from_the_index():
     assert both.groups_json() == {"pefteval-quick": {"tasks": QUICK_GROUP, "aggregate": []}}
 
 
-@pytest.mark.slow  # indexes lm-eval's built-in tasks twice (seconds each)
+@pytest.mark.slow  # indexes lm-eval's built-in tasks (seconds), once: the resolutions share the index
 def test_unknown_names_and_built_in_tasks_resolve():
+    managers = {}
     with pytest.raises(KeyError, match="pefteval_quick_nope"):
-        resolve_tasks(["pefteval_quick_nope"])
-    selection = resolve_tasks(["pefteval_quick_topic", "arc_easy"])  # lm-eval's own tasks work too
+        resolve_tasks(["pefteval_quick_nope"], managers=managers)
+    assert set(managers) == {False, True}  # looked for among lm-eval's built-ins too
+    selection = resolve_tasks(["pefteval_quick_topic", "arc_easy"], managers=managers)  # lm-eval's own tasks work too
     assert selection.names == ["pefteval_quick_topic", "arc_easy"] and "arc_easy" in selection.manager.task_index
     identity = task_identity(selection.manager, "arc_easy")
     assert identity == task_identity(selection.manager, "arc_easy") and len(identity) == 16
     assert primary_metric(task_config(selection.manager, "arc_easy")) == ("acc", "none")
-    mmlu = resolve_tasks(["mmlu"])
+    mmlu = resolve_tasks(["mmlu"], managers=managers)
     assert len(mmlu.names) == 57 and {"mmlu", "mmlu_stem", "mmlu_humanities"} <= set(mmlu.groups)
     assert mmlu.groups["mmlu"].tasks == mmlu.names
     assert mmlu.groups["mmlu"].aggregate == [
@@ -359,6 +361,19 @@ def test_lm_eval_cli_finds_the_plugin_tasks(tmp_path, tiny_model_dir, via):
         ("pefteval_quick_sentiment_adv", "acc"),
         (None, "mean"),
     }
+
+
+@pytest.mark.slow  # lm-eval indexes its built-in tasks too (about 15 s): one run for every family
+def test_stock_lm_eval_validate_finds_every_plugin_task_group_and_tag(tmp_path):
+    """Stock `lm_eval validate --include_path` over everything in the plugin's folder: the quickstart,
+    PEFT, adversarial, merge and affective families' tasks, their groups and tags."""
+    manager = task_manager()
+    names = manager.all_tasks
+    families = {"pefteval-quick-tasks", "pefteval-peft15", "pefteval-adv11", "pefteval-merge12", "pefteval-affect"}
+    assert families <= set(names) and len(manager.all_subtasks) > 100
+    command = [*LM_EVAL, "validate", "--tasks", ",".join(names), "--include_path", str(task_configs_path())]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode == 0 and "All tasks found and valid" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
 
 
 def test_pefteval_lm_eval_refuses_a_second_include_path(tmp_path):

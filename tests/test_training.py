@@ -22,12 +22,14 @@ def trained(local_ray, tmp_path_factory, tiny_model_dir):
             "base_model": str(tiny_model_dir),  # a local model folder, as users name their own
             "train": {"tasks": ["pefteval_quick_sentiment"], "max_steps": 4, "batch_size": 8},
             "finetunes": {
-                "zero3": {"method": "full", "deepspeed": {"zero_stage": 3}},
+                # its saved weights are checked below; lm-eval scoring a full fine-tune: the quickstart's
+                "zero3": {"method": "full", "deepspeed": {"zero_stage": 3}, "evaluate": False},
                 "lora": {"method": "lora", "config": {"r": 4, "target_modules": ["q_proj", "v_proj"]}},
                 "dora": {"method": "dora"},
                 "adalora": {"method": "adalora", "config": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1}},
             },
-            "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 4},
+            # the adapters only: lm-eval loads each with the base (the base alone is scored everywhere else)
+            "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 4, "include_base": False},
         }
     )
     plan = build_plan(spec)
@@ -35,6 +37,7 @@ def trained(local_ray, tmp_path_factory, tiny_model_dir):
     summary = execute(plan, store, max_retries=0)
     assert not summary.failed, summary.failed
     jobs = {(j.kind, j.label): j.id for j in plan.jobs}  # one evaluated task: one evaluate job per model
+    assert {label for kind, label in jobs if kind == "evaluate"} == {"lora", "dora", "adalora"}
     return store, jobs
 
 

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def model_path(ref: ModelRef, store: Store) -> str:
-    """Where a model reference's files are: another job's artifact, a local folder, or a hub repo id."""
+    """Where a model reference's files are: another job's artifact (a local folder: the store's own, or this
+    node's cached copy of a remote store's), a local folder, or a hub repo id."""
     if isinstance(ref, ArtifactRef):
-        return str(store.artifact(ref.job))
+        return str(store.local_artifact(ref.job))
     if isinstance(ref, LocalRef):
         return ref.path
     return ref.repo
@@ -49,7 +50,8 @@ def prefer_safetensors(folder: str) -> dict[str, Any]:
 def _base(job: Job, store: Store) -> dict:
     from pefteval_harness import tiny_model
 
-    tiny_model.build(store.artifact(job.id))
+    with store.staging(job.id) as out:
+        tiny_model.build(out)
     return {"builder": job.config.builder}
 
 
@@ -116,12 +118,17 @@ def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, 
 
     Returns job id -> outcome ({"state": "done"} or a failure from `outcome_of`). A job's failure is
     returned, not raised, so that the driver decides about retries; only a dying process escapes.
+    `threads` is the jobs' CPU count (torch's threads); a batch's jobs share one `resources`.
     """
     from pefteval_harness.numerics import pin_numerics
+    from pefteval_harness.progress import ProgressWriter
+    from pefteval_harness.scheduling import cap_accelerator_memory
 
     numerics = pin_numerics(threads)
     store = Store(store_root)
     typed = [Job.model_validate(j) for j in jobs]
+    if typed and typed[0].resources.workers == 1:  # a gang's coordinator holds no GPU: its workers cap
+        cap_accelerator_memory(typed[0].resources)  # a job sharing a GPU keeps to its share
     outcomes: dict[str, dict] = {}
     todo = []
     for job in typed:
@@ -142,6 +149,8 @@ def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, 
             outcomes[job.id] = outcome_of(result) if failed else _record_done(job, store, result, numerics)
         return outcomes
     for job in todo:
+        if job.kind != "train":  # training reports its steps itself; the others say they have started
+            ProgressWriter(store, job.id)({"phase": job.kind, "message": "started"}, force=True)
         try:
             outcomes[job.id] = _record_done(job, store, JOB_KINDS[job.kind].run(job, store), numerics)
         except Exception as e:

@@ -21,6 +21,7 @@ import functools
 
 from pefteval_harness.jobs import load_kwargs, model_path, prefer_safetensors
 from pefteval_harness.jobs.types import Job
+from pefteval_harness.progress import RequestProgress
 from pefteval_harness.store import Store
 from pefteval_harness.tasks import build_task, manager_for
 
@@ -119,6 +120,7 @@ def evaluate_batch(jobs: list[Job], store: Store) -> dict[str, dict | BaseExcept
     device = "cuda" if first.resources.num_gpus and torch.cuda.is_available() else "cpu"
     model_args = lm_eval_model_args(first, store)
     lm = load_lm(**model_args, device=device, batch_size=first.config.settings.batch_size)
+    progress = RequestProgress(lm, store)  # each job's requests scored so far, for `pefteval status`
     manager = manager_for([job.config.task for job in jobs], first.config.include_paths)
     results: dict[str, dict | BaseException] = {}
     built: dict[str, object] = {}  # job id -> its lm-eval Task
@@ -135,7 +137,8 @@ def evaluate_batch(jobs: list[Job], store: Store) -> dict[str, dict | BaseExcept
         same_settings.setdefault(key, []).append(job)
     for together in same_settings.values():
         try:
-            combined = _simple_evaluate(lm, together, [built[job.id] for job in together], manager)
+            with progress.scoring({job.id: job.config.task for job in together}):
+                combined = _simple_evaluate(lm, together, [built[job.id] for job in together], manager)
             results.update({job.id: split_results(combined, job.config.task) for job in together})
         except Exception as e:
             if len(together) == 1:
@@ -143,7 +146,8 @@ def evaluate_batch(jobs: list[Job], store: Store) -> dict[str, dict | BaseExcept
                 continue
             for job in together:  # find which task fails, and keep the others
                 try:
-                    result = _simple_evaluate(lm, [job], [built[job.id]], manager)
+                    with progress.scoring({job.id: job.config.task}):
+                        result = _simple_evaluate(lm, [job], [built[job.id]], manager)
                     results[job.id] = split_results(result, job.config.task)
                 except Exception as error:
                     results[job.id] = error

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pefteval_harness.jobs import model_path
@@ -20,21 +19,21 @@ def merge(job: Job, store: Store) -> dict:
         base = Path(snapshot_download(config.base.repo, revision=config.base.revision))
     else:
         base = Path(model_path(config.base, store))
-    out = store.artifact(job.id)
-    if out.exists():  # left by an attempt of ours that died before its status was written (we hold the claim)
-        shutil.rmtree(out)
     theory = _theory_accumulator(config)
-    merge_models(
-        method=config.method,
-        experts=[store.artifact(expert) for expert in config.experts],
-        out_dir=out,
-        base=base,
-        weights=config.weights,
-        params=config.parameters,
-        space=config.space,
-        seed=config.seed,
-        observer=theory,
-    )
+    # The engine writes into an empty folder through a sibling temp folder and a rename; the staging folder
+    # is that empty folder (local store: renamed into place; remote: uploaded), so nothing is copied twice.
+    with store.staging(job.id) as out:
+        merge_models(
+            method=config.method,
+            experts=[store.local_artifact(expert) for expert in config.experts],
+            out_dir=out,
+            base=base,
+            weights=config.weights,
+            params=config.parameters,
+            space=config.space,
+            seed=config.seed,
+            observer=theory,
+        )
     result = {"method": config.method, "experts": config.experts, "space": config.space}
     if theory is not None:
         result["theory"] = theory.result()

@@ -5,19 +5,28 @@ The examples are the training splits of the job's tasks rendered by their own lm
 the start of its prompt, never its answer; examples left with no answer token are dropped and counted.
 The job records its costs next to the artifact (`train()`'s result): trainable and total parameters,
 optimiser steps, training time, non-padding tokens trained on and their rate, peak host and accelerator
-memory, and the size of the weights (`adapter_bytes`) and of the whole artifact folder (`artifact_bytes`).
+memory, the size of the weights (`adapter_bytes`) and of the whole artifact folder (`artifact_bytes`), and
+a digest of the trained weights (`weights_sha256`, which the saved artifact must match).
+
+One body (`train_rank`) trains a job in one process or as one rank of a Ray Train gang: a job with
+`resources.workers > 1` runs on N ranks (`jobs/gang.py`: DeepSpeed ZeRO for full fine-tuning, DDP for peft).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
 import resource
 import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 from pefteval_harness.errors import BadInput
@@ -146,9 +155,112 @@ def _share(examples: list, fraction: float, seed: int) -> list:
     return [examples[i] for i in chosen]
 
 
+@dataclass
+class Rank:
+    """This process's place in its job: the only process, or one rank of a Ray Train gang (`jobs/gang.py`)."""
+
+    rank: int = 0
+    world: int = 1
+    resume_from: str | None = None  # a Trainer checkpoint folder to resume from (a gang restarted)
+    checkpoints: int = 0  # about this many Trainer checkpoints per run; 0: none (nothing could resume them)
+    callbacks: list = field(default_factory=list)  # the gang's: report checkpoints to Ray Train
+    tokens: int = 0  # non-padding tokens this rank trained on so far (a restarted rank: from its checkpoint)
+
+    @property
+    def writes(self) -> bool:
+        """Rank 0 writes the artifact; the others only join the collective calls (ZeRO-3's gather)."""
+        return self.rank == 0
+
+
+@dataclass
+class Trained:
+    """One rank's outcome: the job's result (complete on rank 0) and what this rank itself did."""
+
+    result: dict
+    tokens: int  # this rank's non-padding tokens (a gang sums them)
+    seconds: float  # this attempt's training time
+
+
 def train(job: Job, store: Store) -> dict:
+    """The train job: one process, or a Ray Train gang of `job.resources.workers` ranks (`jobs/gang.py`)."""
+    if job.resources.workers > 1:
+        from pefteval_harness.jobs.gang import train_gang
+
+        return train_gang(job, store)
+    trained = train_rank(job, store, Rank())
+    return {**trained.result, "workers": 1}
+
+
+@contextmanager
+def _artifact_folder(job: Job, store: Store, rank: Rank) -> Iterator[Path]:
+    """Rank 0 writes the job's artifact; another rank's Trainer writes nothing into the folder it gets."""
+    if rank.writes:
+        with store.staging(job.id) as out:
+            yield out
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"pefteval-rank{rank.rank}-") as out:
+            yield Path(out)
+
+
+@cache
+def _counting_trainer():
+    """The Trainer, counting the non-padding tokens each rank trains on (transformers' own count is
+    already summed over the ranks)."""
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        def __init__(self, *args, rank: Rank, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rank = rank
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.rank.tokens += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingTrainer
+
+
+def _gathered(model, zero3: bool):
+    """Every parameter whole on every rank while inside (ZeRO-3 partitions them; a collective call)."""
+    if not zero3:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def tensors_sha256(tensors: Mapping) -> str:
+    """A digest of named tensors: names sorted, each tensor's shape and values as float32."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def trained_weights(model, produces: str) -> Mapping:
+    """What a train job saves: the whole state dict, or (peft) the adapter's weights as peft saves them."""
+    if produces == "adapter":
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def train_rank(job: Job, store: Store, rank: Rank) -> Trained:
+    """The training body: the whole job in one process, or one rank of a gang (every rank trains).
+
+    Rank 0 writes the artifact (through `store.staging`); every rank calls what is collective under ZeRO-3
+    (the weights digest's gather, `save_model`'s gather). A device comes from LOCAL_RANK (set by Ray Train
+    on a GPU node; written, untested on a GPU here); on CPU the Trainer runs with `use_cpu`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from pefteval_harness.progress import TrainProgress
 
     config, settings = job.config, job.config.train
     method = get_method(config.method)
@@ -172,22 +284,23 @@ def train(job: Job, store: Store) -> dict:
     if not rows:
         raise BadInput(f"no training example has an answer token ({tokenized.without_answer} examples)")
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # every rank starts from the same weights
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, **load, **prefer_safetensors(base))
-    callbacks = []
+    callbacks = [TrainProgress(store, job.id), *rank.callbacks]
     if method.produces == "adapter":
         from peft import get_peft_model
 
         model = get_peft_model(model, method.peft_config(config.peft, total_optimizer_steps(len(rows), settings)))
-        callbacks = method.callbacks(model)
+        callbacks += method.callbacks(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
-    if config.deepspeed:
+    if config.deepspeed and rank.world == 1:
         _single_process_group()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with store.staging(job.id) as out:
+    zero3 = bool(config.deepspeed) and config.deepspeed.zero_stage == 3
+    with _artifact_folder(job, store, rank) as out:
         initial_adapter = None
         if method.produces == "adapter" and method.rewrites_base(config.peft):
             # PiSSA/OLoRA moved the base's top components into the adapter; saving the initial adapter lets
@@ -195,10 +308,13 @@ def train(job: Job, store: Store) -> dict:
             # peft= loading, the merge engine and merge_and_unload then all read correctly.
             initial_adapter = out / "trainer" / "initial_adapter"
             model.peft_config["default"].init_lora_weights = True  # peft's recipe: saved as a no-op LoRA init
-            model.save_pretrained(str(initial_adapter))
+            if rank.writes:
+                model.save_pretrained(str(initial_adapter))
         args = TrainingArguments(
             output_dir=str(out / "trainer"),
-            per_device_train_batch_size=settings.batch_size,
+            # A gang keeps the job's batch: `batch_size` examples per optimiser step over all ranks, so a
+            # job trains alike on one worker or N (its id does not depend on them).
+            per_device_train_batch_size=settings.batch_size // rank.world,
             gradient_accumulation_steps=settings.gradient_accumulation_steps,
             num_train_epochs=settings.epochs,
             max_steps=settings.max_steps,
@@ -207,7 +323,7 @@ def train(job: Job, store: Store) -> dict:
             warmup_steps=settings.warmup,
             weight_decay=settings.weight_decay,
             logging_steps=10,
-            save_strategy="no",
+            **_checkpointing(rank, total_optimizer_steps(len(rows), settings)),
             report_to="none",
             seed=config.seed,
             use_cpu=not torch.cuda.is_available(),
@@ -216,19 +332,23 @@ def train(job: Job, store: Store) -> dict:
             remove_unused_columns=False,
             include_num_input_tokens_seen="non_padding",  # the attention mask's ones: no padding, no virtual tokens
         )
-        trainer = Trainer(
+        trainer = _counting_trainer()(
             model=model,
             args=args,
             train_dataset=rows,
             data_collator=PadCollator(tokenizer.pad_token_id),
             callbacks=callbacks,
+            rank=rank,
         )
         started = time.perf_counter()
         try:
-            output = trainer.train()
+            output = trainer.train(resume_from_checkpoint=rank.resume_from)
             seconds = time.perf_counter() - started
+            with _gathered(model, zero3):  # every rank: a collective call under ZeRO-3
+                digest = tensors_sha256(trained_weights(model, method.produces)) if rank.writes else None
             if initial_adapter is not None:
-                model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial_adapter))
+                if rank.writes:
+                    model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial_adapter))
             else:
                 trainer.save_model(str(out))  # the full model (ZeRO-3 gathers it), or only a peft adapter
         finally:
@@ -236,12 +356,13 @@ def train(job: Job, store: Store) -> dict:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
-        tokenizer.save_pretrained(str(out))
+        if rank.writes:
+            tokenizer.save_pretrained(str(out))
         shutil.rmtree(out / "trainer", ignore_errors=True)
         artifact_bytes = _directory_bytes(out)
         adapter_bytes = weights_bytes(out)
-    tokens = int(trainer.state.num_input_tokens_seen)
-    return {
+    tokens = int(trainer.state.num_input_tokens_seen)  # summed over the ranks by transformers
+    result = {
         "method": method.name,
         "tasks": settings.tasks,
         "examples": len(rows),
@@ -253,14 +374,36 @@ def train(job: Job, store: Store) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "train_seconds": seconds,
-        # ru_maxrss is KiB on Linux; each train job runs in a fresh worker process (max_calls=1).
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),  # each train job (each rank) runs in a fresh worker process
         "trained_tokens": tokens,  # non-padding input tokens of every optimiser step's batches (all epochs)
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         # Peak memory torch allocated on the GPU during training; None without one.
-        "peak_accelerator_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "peak_accelerator_mb": peak_accelerator_mb(),
         # The weights and their config (adapter_model.safetensors + adapter_config.json, or the full model's
         # safetensors + config.json): what serving the fine-tune adds to the base and its tokenizer.
         "adapter_bytes": adapter_bytes,
         "artifact_bytes": artifact_bytes,  # the whole artifact folder: also the tokenizer and peft's README
+        # The trained weights as rank 0 held them (gathered under ZeRO-3): the whole state dict, or the
+        # adapter's weights as peft saves them (for PiSSA/OLoRA: before their conversion to a plain LoRA).
+        "weights_sha256": digest,
     }
+    return Trained(result=result, tokens=rank.tokens, seconds=seconds)
+
+
+def _checkpointing(rank: Rank, total_steps: int) -> dict:
+    """Trainer checkpoints only where something resumes from them (a gang's restart): `rank.checkpoints`
+    per run, evenly spaced (a run shorter than that: one every optimiser step)."""
+    if not rank.checkpoints:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": max(1, math.ceil(total_steps / rank.checkpoints))}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_accelerator_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None

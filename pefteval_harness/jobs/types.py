@@ -231,9 +231,17 @@ JobConfig = Annotated[
 
 
 class Resources(_Frozen):
-    num_cpus: float = Field(1, ge=0)
-    num_gpus: float = Field(0, ge=0)
-    memory_gb: float | None = Field(None, gt=0)
+    """What one job asks of the cluster (per worker for a gang); Ray places it, the worker enforces the caps."""
+
+    num_cpus: float = Field(1, ge=0, description="CPUs per worker; also the job's torch thread count")
+    num_gpus: float = Field(0, ge=0, description="GPUs per worker; a fraction shares a GPU, capped to its share")
+    memory_gb: float | None = Field(None, gt=0, description="host memory per worker that Ray reserves")
+    accelerator_memory_gb: float | Literal["auto"] | None = Field(
+        None, description="accelerator memory the job needs per worker; 'auto': estimated from the model"
+    )
+    workers: int = Field(1, ge=1, description="train only: a Ray Train gang of this many workers (ranks)")
+    placement: Literal["pack", "spread"] = Field("pack", description="a gang's placement over nodes")
+    timeout_minutes: float | None = Field(None, gt=0, description="a job still running after this fails: timeout")
 
 
 class Job(_Frozen):

@@ -3,10 +3,10 @@
 Reading is kept apart from running (the report needs nothing but the files), so a finished store can be
 re-reported anywhere, and results of a plain `lm_eval --output_path` run join the same table.
 
-    collect(root) -> Report          the records of a results folder
+    collect(root) -> Report          the records of a results folder (a path or a store URL: `store.Store`)
     render(report, fmt) -> str       fmt in FORMATS; a pure function of the records
-    write_reports(root) -> str       plots/*.png, then leaderboard.md / .csv / .json written atomically;
-                                     returns the markdown
+    write_reports(root) -> str       plots/*.png, then leaderboard.md / .csv / .json written atomically into
+                                     the store; returns the markdown
 
 json is a list of every record (all `Record` fields); csv is every record, one column per field in
 `records.FIELDS` order (lists joined with ";", `sweep` as a JSON object, None empty); markdown is the pivot a
@@ -22,7 +22,7 @@ import csv
 import functools
 import io
 import json
-import os
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -44,7 +44,7 @@ from pefteval_harness.report.records import (
     score_records,
     theory_records,
 )
-from pefteval_harness.store import DONE, FAILED, Store, read_json, read_plan, write_atomic
+from pefteval_harness.store import DONE, FAILED, Store
 
 FORMATS = ("markdown", "csv", "json")
 # Above this many tasks the first table shows group aggregates, and each family's tasks get their own table.
@@ -103,44 +103,40 @@ def store_records(store: Store, jobs: list[dict], groups: dict[str, dict]) -> li
     return records
 
 
-def _plain_lm_eval_results(root: Path) -> list[tuple[Path, dict]]:
-    """lm-eval results JSONs under `root` that are not a store's own files."""
-    paths = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d != "jobs")  # a store's job folders: never walked
-        paths += [Path(folder) / f for f in files if f.endswith(".json")]
+def _plain_lm_eval_results(store: Store) -> list[tuple[str, dict]]:
+    """lm-eval results JSONs in the folder that are not a store's own files (a store's job folders: never
+    looked into), by their path below the root."""
     found = []
-    for path in sorted(paths):
-        if path.parent == root and path.name in ("plan.json", "leaderboard.json"):
+    for rel in store.find(".json", skip="jobs"):
+        if rel in ("plan.json", "leaderboard.json"):
             continue
         try:
-            data = read_json(path)
+            data = store.read_json(rel)
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and isinstance(data.get("results"), dict) and "configs" in data:
-            found.append((path, data))
+            found.append((rel, data))
     return found
 
 
-def collect(root: str | Path) -> Report:
-    """The records of a results folder: the jobs of its latest plan (in plan order; every job folder if it
-    has no plan.json), the plan's group aggregates, then plain lm-eval results JSONs found outside jobs/."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BadInput(f"{root}: no such results folder")
-    store = Store(root)
-    plan_path = root / "plan.json"
-    if plan_path.exists():
-        plan = read_plan(plan_path)
+def collect(root: str | Path | Store) -> Report:
+    """The records of a results folder (a path, a store URL, or a Store): the jobs of its latest plan (in plan
+    order; every job folder if it has no plan.json), the plan's group aggregates, then plain lm-eval results
+    JSONs found outside jobs/."""
+    store = root if isinstance(root, Store) else Store(root)
+    if not store.is_folder():
+        raise BadInput(f"{store.location()}: no such results folder")
+    plan = store.plan()
+    if plan is not None:
         jobs, groups = plan.get("jobs") or [], plan.get("groups") or {}
     else:
         jobs, groups = [job for job, _ in store.jobs()], {}
     records = store_records(store, jobs, groups)
     records += aggregate_records(records, groups)
-    for path, result in _plain_lm_eval_results(root):
+    for rel, result in _plain_lm_eval_results(store):
         args = (result.get("config") or {}).get("model_args")
         label = result.get("model_name") or (json.dumps(args) if isinstance(args, dict) else str(args))
-        records += score_records(result, Model(model=label, method="lm-eval"), str(path.relative_to(root)))
+        records += score_records(result, Model(model=label, method="lm-eval"), rel)
     records += gap_records(records)
     # scores first; plan order within a kind
     order = {"score": 0, "aggregate": 1, "gap": 2, "failure": 3, "cost": 4, "analysis": 5, "theory": 6}
@@ -458,13 +454,25 @@ def render(report: Report, fmt: str) -> str:
     return renderers[fmt](report.records)
 
 
-def write_reports(root: str | Path) -> str:
-    """Write the plots (plots/*.png), then leaderboard.md, .csv and .json into the folder; return the markdown."""
-    report = collect(root)
-    write_plots(report.records, Path(root) / PLOTS_FOLDER)  # before the markdown that links them
-    merge_scaling.write_scaling_plots(report.records, Path(root) / PLOTS_FOLDER)
-    affective.write_affective_plots(report.records, Path(root) / PLOTS_FOLDER)
-    for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):
+def write_reports(root: str | Path | Store) -> str:
+    """Write the plots (plots/*.png), then leaderboard.md, .csv and .json into the store; return the markdown.
+
+    A remote store's plots are drawn into a local folder first, then uploaded (the folder mirrored)."""
+    store = root if isinstance(root, Store) else Store(root)
+    report = collect(store)
+    if store.local:
+        _write_plots(report, store.root / PLOTS_FOLDER)
+    else:
+        with tempfile.TemporaryDirectory(prefix="pefteval-plots-") as tmp:
+            _write_plots(report, Path(tmp))
+            store.put_folder(Path(tmp), PLOTS_FOLDER)
+    for fmt, suffix in (("csv", "csv"), ("json", "json"), ("markdown", "md")):  # after the plots the markdown links
         text = render(report, fmt)
-        write_atomic(Path(root) / f"leaderboard.{suffix}", text)
+        store.write_text(f"leaderboard.{suffix}", text)
     return text  # the markdown, rendered last
+
+
+def _write_plots(report: Report, folder: Path) -> None:
+    write_plots(report.records, folder)
+    merge_scaling.write_scaling_plots(report.records, folder)
+    affective.write_affective_plots(report.records, folder)

@@ -103,22 +103,6 @@ def _parse_plan(text: bytes | str, where: str) -> dict:
     return _check_plan(plan, where)
 
 
-def read_plan(path: Path) -> dict:
-    """plan.json of the schema this version reads; an older (or newer) one is refused with one line."""
-    from pefteval_harness.errors import BadInput
-
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise BadInput(f"{path}: not a readable plan ({type(e).__name__}: {e})") from None
-    return _parse_plan(text, str(path))
-
-
-def check_store_schema(root: str | Path) -> None:
-    """Refuse a results folder whose plan.json another pefteval version wrote (its records differ)."""
-    Store(root).plan()
-
-
 def new_run_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 

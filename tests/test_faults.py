@@ -87,4 +87,5 @@ def test_a_killed_driver_resumes_without_rerunning_done_jobs(tmp_path):
     after = _statuses(out)
     assert len(after) == total
     assert {job: after[job] for job in done_before} == done_before  # the done jobs were not touched
-    assert not list(out.glob("jobs/*/claim"))
+    # Claims left are the dead driver's on jobs it finished (done jobs are not touched); the rest released.
+    assert {p.parent.name for p in out.glob("jobs/*/claim")} <= set(done_before)

@@ -66,9 +66,8 @@ def test_a_claim_is_exclusive_until_released_or_stale(tmp_path):
 
 def test_an_older_store_is_refused_with_a_clear_message(tmp_path):
     from pefteval_harness.errors import BadInput
-    from pefteval_harness.store import check_store_schema
 
     write_atomic(tmp_path / "plan.json", '{"spec_hash": "x", "jobs": []}')
     expected = r"older pefteval \(plan schema 1\); this version reads schema 2: rerun into a new --output"
     with pytest.raises(BadInput, match=expected):
-        check_store_schema(tmp_path)
+        Store(tmp_path).plan()

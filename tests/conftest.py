@@ -25,6 +25,16 @@ os.environ.update(
 os.environ.pop("RAY_ADDRESS", None)  # tests start their own loopback Ray, never join another
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Torch in this process on one thread, as a job with the default 1 CPU pins it: the tiny model's ops are
+    far too small to share, and a second thread waits for the other core whenever anything else runs (a
+    Ray worker, another process): on the 2-core test VM a forward pass then took 150 ms, on one thread 1.7 ms."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded default model, built as users build it (`pefteval tiny-model`, numerics pinned)."""

@@ -124,7 +124,8 @@ def _train_spec(tiny_model_dir, method: str, config: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def trainer(tiny_model_dir, tmp_path_factory):
-    """Trains a fine-tune on first use (in this process, as a Ray worker would) and keeps its result."""
+    """Trains a fine-tune on first use (in this process, as a Ray worker with the default 1 CPU would: one
+    thread, which a model this small runs fastest on) and keeps its result."""
     import os
 
     from pefteval_harness.jobs import run_batch
@@ -142,7 +143,7 @@ def trainer(tiny_model_dir, tmp_path_factory):
             method, _, _ = case.partition("+")
             spec = Spec.model_validate(_train_spec(tiny_model_dir, method, LORA_OPTIONS.get(case, {})))
             (job,) = [j for j in build_plan(spec).jobs if j.kind == "train"]
-            outcome = run_batch([job.model_dump(mode="json")], str(store_root), threads=2)[job.id]
+            outcome = run_batch([job.model_dump(mode="json")], str(store_root), threads=1)[job.id]
             assert outcome["state"] == "done", outcome
             store = Store(store_root)
             done[case] = (store.artifact(job.id), store.result(job.id), job)
@@ -242,6 +243,16 @@ def test_method_trains_saves_a_peft_adapter_that_lm_eval_scores(case, trainer, b
     else:
         with pytest.raises((AttributeError, NotImplementedError, ValueError)):
             model.merge_and_unload()
+
+
+@pytest.mark.slow
+def test_adalora_gets_the_runs_own_step_count(trainer):
+    """AdaLoRA's rank schedule needs the number of optimiser steps: the train job sets it from the run."""
+    from peft import PeftConfig
+
+    adapter, result, _ = trainer("adalora")
+    config = PeftConfig.from_pretrained(str(adapter))
+    assert config.peft_type.value == "ADALORA" and config.total_step == result["steps"] == 3
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
-"""The PEFT-vs-FFT study end to end (`pefteval run` on the session's Ray, real records): a sweep, the
-kinds of update (a full model, a low-rank adapter, virtual tokens), the weight-update analysis against
-FFT, and a report with family sections, robustness gaps, costs, weight updates and plots.
+"""The PEFT-vs-FFT study end to end (`pefteval run` on the session's Ray, real records): a full fine-tune and
+a swept LoRA, the weight-update analysis against FFT, and a report with family sections, robustness gaps,
+costs, weight updates and plots.
 
-Every model is a fresh worker for its training, its analysis and its evaluations, so the spec keeps to one
-model per kind: every other method trains, is scored by lm-eval (tests/test_finetuning_methods.py) and has
-its update analysed (tests/test_analysis.py) elsewhere."""
+Every model costs fresh workers for its training, its analysis and its evaluations, so the spec keeps to
+these two methods: every other method trains and is scored by lm-eval in tests/test_finetuning_methods.py,
+its update is analysed in tests/test_analysis.py (prompt learning's "no weight update" too), and the
+report's rows for it are tests/test_report.py's."""
 
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ SPEC = """
     finetunes:
       fft: {method: full, deepspeed: {zero_stage: 0}, train: {learning_rate: 0.002}}
       lora: {method: lora, config: {r: 2}, sweep: {train.data_fraction: [0.5, 1.0]}}
-      prompt_tuning: {method: prompt_tuning, config: {num_virtual_tokens: 4}, train: {learning_rate: 0.1}}
     analysis: {reference: fft}
     evaluate:
       tasks: [study-classification, study-adversarial]
@@ -72,7 +72,7 @@ def study(tmp_path_factory, tiny_model_dir, local_ray):
 def test_every_model_is_scored_on_every_task_with_its_sweep_point(study):
     rows = leaderboard_rows(study)
     models = {"base", "fft", "lora[data_fraction=0.5]", "lora[data_fraction=1]"}
-    assert {r["model"] for r in rows} == models | {"prompt_tuning"}
+    assert {r["model"] for r in rows} == models
     assert all(len([r for r in rows if r["model"] == m]) == 5 for m in models)
     assert all(isinstance(r["value"], float) for r in rows)
     cola = next(r for r in rows if r["task"] == "pefteval_peft_cola" and r["model"] == "lora[data_fraction=1]")
@@ -93,8 +93,7 @@ def test_the_analysis_measures_each_update_against_fft(study):
         assert summary[lora, "rank"] <= 2 < summary["fft", "rank"]  # r = 2
         assert 0 < summary[lora, "subspace_overlap"] <= 1
     assert summary.get(("fft", "subspace_overlap")) is None  # the reference is not compared with itself
-    no_update = next(r for r in rows if r["model"] == "prompt_tuning" and r["metric"] == "weight_update")
-    assert no_update["value"] == 0 and "prompt" in no_update["note"].lower()
+    assert {r["model"] for r in rows} == {"fft", "lora[data_fraction=0.5]", "lora[data_fraction=1]"}
 
 
 def test_the_report_has_families_gaps_costs_weight_updates_and_plots(study):

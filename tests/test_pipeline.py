@@ -165,14 +165,15 @@ def test_a_hub_id_base_model_loads_from_the_hf_cache(tmp_path, tiny_model_dir):
             base_model: someone/tiny
             train: {tasks: [pefteval_quick_sentiment], max_steps: 2}
             finetunes: {ex: {method: lora, evaluate: false}}
-            merges: {m: {method: task_arithmetic, experts: [ex]}}
+            merges: {m: {method: task_arithmetic, experts: [ex], evaluate: false}}
             evaluate: {tasks: [pefteval_quick_sentiment], limit: 4}
         """)
     )
     run = pefteval("run", spec, "--output", tmp_path / "out", timeout=600, hf_home=tmp_path / "hf")
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "3 jobs ran" in run.stdout  # each reads the base from the cache: training, the merge, lm-eval
     rows = leaderboard_rows(tmp_path / "out")
-    assert [r["model"] for r in rows] == ["base", "m"] and all(isinstance(r["value"], float) for r in rows)
+    assert [r["model"] for r in rows] == ["base"] and all(isinstance(r["value"], float) for r in rows)
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     base = next(j for j in plan["jobs"] if j["config"]["kind"] == "merge")["config"]["base"]
     assert base == {"kind": "hub", "repo": "someone/tiny", "revision": revision}  # pinned at plan time

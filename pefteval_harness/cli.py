@@ -1,18 +1,21 @@
 """`pefteval`: run, plan, status, leaderboard, tasks, data, methods, lm-eval, merge, tiny-model.
 
-Exit codes: 0 success; 2 bad input (spec, config, arguments: one line, no traceback,
-nothing written); 1 a runtime failure, after which the store is consistent and a rerun resumes.
+Exit codes: 0 success; 2 bad input (spec, config, arguments, a cluster address nothing answers at: one
+line, no traceback, nothing written); 1 a runtime failure, after which the store is consistent and a rerun
+resumes; 130 / 143 a run stopped by Ctrl-C (SIGINT) / SIGTERM, which a rerun resumes too.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from pefteval_harness.errors import BadInput
 from pefteval_harness.report.leaderboard import FORMATS
+from pefteval_harness.secrets import redact, redact_handler
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +32,37 @@ def _load(spec_path: str):
 
 
 def cmd_plan(args) -> int:
+    from pefteval_harness.trust import notes
+
     _, plan = _load(args.spec)
     print(plan.describe())
+    if lines := notes(plan):  # what a run would trust beyond pefteval's own code
+        print("\n" + "\n".join(lines))
     return 0
 
 
 def cmd_run(args) -> int:
+    """Ctrl-C or SIGTERM stops the run within seconds (`runner.StopSignals`): its running jobs are cancelled, not
+    recorded as failed, and its Ray shut down; exit 130 or 143. The same command then resumes it."""
     from pefteval_harness import runner
+
+    with runner.StopSignals() as stop, runner.ray_of_this_block():
+        try:
+            return _run(args)
+        except KeyboardInterrupt:
+            pass
+    print(f"pefteval: stopped by {stop.name}: running jobs cancelled; the same command resumes it", file=sys.stderr)
+    return stop.exit_code
+
+
+def _run(args) -> int:
+    from pefteval_harness import runner, scheduling, trust
     from pefteval_harness.progress import LiveDisplay
     from pefteval_harness.report.leaderboard import write_reports
-    from pefteval_harness.store import Store, is_url
+    from pefteval_harness.store import PLAN, RUNS, Store, is_url, new_run_id
 
+    if args.num_cpus is not None and args.num_cpus < 1:  # a Ray with no CPU would run nothing, forever
+        raise BadInput(f"--num-cpus: {args.num_cpus} is not a positive whole number")
     spec, plan = _load(args.spec)
     output = args.output or spec.output or str(Path("runs") / spec.name)
     # A local path is made absolute: Ray workers (on other nodes, or in `ray job submit`'s working-dir copy)
@@ -47,23 +70,37 @@ def cmd_run(args) -> int:
     store = Store(output if is_url(output) else Path(output).expanduser().resolve())
     if not store.shared_across_processes:
         raise BadInput(f"--output {output}: a store only this process sees; the run's Ray workers could not write it")
+    if not is_url(output):  # a file where the folder (or one of its parents) would go: refused before writing
+        existing = next(p for p in (store.root, *store.root.parents) if p.exists())
+        if not existing.is_dir():
+            raise BadInput(f"--output {output}: {existing} is not a folder")
     store.plan()  # refuses a results folder another pefteval version wrote
     output = store.url
     pending = [job for job in plan.jobs if not store.is_done(job.id)]
+    for line in trust.notes(plan):  # what the run trusts beyond pefteval's code, said before it starts
+        print(line, flush=True)
     if args.dry_run:
         print(plan.describe())
         print(f"\n{len(pending)} of {len(plan.jobs)} jobs to run; results would go to {output}")
         return 0
 
-    store.write_text("spec.yaml", Path(args.spec).read_text())
-    store.write_json("plan.json", plan.to_json())
+    if pending:  # a job no node can hold is bad input now, before anything is written: never a wait
+        if args.address or os.environ.get("RAY_ADDRESS"):  # a cluster's nodes are known once joined
+            runner.init_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
+        scheduling.check_feasible(pending, spec.resources.gpu_memory_gb, num_cpus=args.num_cpus)
+    # Every run keeps its own spec and plan (runs/<run id>/: several runs may share a store); the latest
+    # is also at the top, what `pefteval status` and the leaderboard read.
+    run_id, spec_text, plan_json = new_run_id(), Path(args.spec).read_text(), plan.to_json()
+    for folder in (f"{RUNS}/{run_id}/", ""):
+        store.write_text(f"{folder}spec.yaml", spec_text)
+        store.write_json(f"{folder}{PLAN}", plan_json)
     summary = runner.RunSummary(skipped=[j.id for j in plan.jobs if j not in pending])
     if pending:
         log.info("%d of %d jobs to run, results in %s", len(pending), len(plan.jobs), output)
         runner.init_ray(args.address, num_cpus=args.num_cpus, verbose=args.verbose)
         resources = spec.resources
         with LiveDisplay(plan, store):  # done / running / failed / left, and the running jobs' progress
-            summary = runner.execute(plan, store, resources.max_retries, resources.tasks_per_worker)
+            summary = runner.execute(plan, store, resources.max_retries, resources.tasks_per_worker, run_id=run_id)
     print(write_reports(store))
     print(
         f"{len(summary.ran)} jobs ran, {len(summary.skipped)} already done, {len(summary.failed)} failed;"
@@ -236,7 +273,12 @@ def parser() -> argparse.ArgumentParser:
         "--output",
         help="results folder, or a store URL: s3://, gs://, file:// (default: the spec's output:, else runs/<name>)",
     )
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    run.add_argument(
+        "--address",
+        help="Ray cluster to join: host:port of its head, or auto (the one `ray start` on this machine"
+        " registered). Default: RAY_ADDRESS, else a new local Ray of the run's own. Fails (exit 2) within"
+        " 30 s if nothing answers there",
+    )
     run.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     run.add_argument("--dry-run", action="store_true", help="print the plan and what is left to run")
     run.set_defaults(func=cmd_run)
@@ -307,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         )
         logging.getLogger("pefteval_harness").setLevel(logging.INFO)  # job progress, always
+        for handler in logging.getLogger().handlers:  # what the run prints says no secret either
+            redact_handler(handler)
         return args.func(args)
     except BadInput as e:
-        print(f"pefteval: error: {e}", file=sys.stderr)
+        print(f"pefteval: error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 

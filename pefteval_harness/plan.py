@@ -3,7 +3,8 @@
 The plan only expands the spec: fine-tunes per task, merges over their experts, and one evaluation job
 per (model, task). What it checks is what only expansion reveals: which tasks the names and globs
 resolve to (from lm-eval's task index: no dataset is loaded), whether the training tasks have training
-splits, labels that collide, the number of merge weights, and where the base model is.
+splits, labels that collide, the number of merge weights, where the base model is, and the trust rules
+(`trust.py`: a model's own code, tasks that run model-written code, pickle-only folders).
 
 A job's id hashes everything that determines its output: its typed config (which holds its inputs' ids,
 method, method version, hyperparameters, task identities, seed), the implementation version of its
@@ -50,6 +51,7 @@ from pefteval_harness.jobs.types import (
 )
 from pefteval_harness.provenance import numeric_versions
 from pefteval_harness.spec import BASE_LABEL, TINY, Spec
+from pefteval_harness.trust import check_model_code, check_unsafe_code, refuse_pickles
 
 
 @dataclass
@@ -147,6 +149,8 @@ def build_plan(spec: Spec) -> Plan:
     """Expand the spec into jobs; what only expansion reveals is checked here, before anything runs."""
     plan = Plan(spec)
     base, base_deps = _base_reference(spec, plan)
+    if isinstance(base, LocalRef) and (spec.merges or spec.analysis):  # both stream the base's safetensors
+        refuse_pickles(Path(base.path), "base_model")
     models: list[_Model] = []  # every model to evaluate, in leaderboard order
     if spec.evaluate.include_base:
         models.append(_Model(BASE_LABEL, _lineage(spec, BASE_LABEL, "base"), LoadedModel(base=base), base_deps))
@@ -189,6 +193,13 @@ def _model_reference(spec: Spec, plan: Plan, name: str, where: str) -> tuple[Mod
     if path.is_absolute() and path.exists():  # the spec made local folders absolute
         if not (path / "config.json").is_file():
             raise BadInput(f"{where}: {name} is not a model folder (no config.json)")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (ValueError, OSError) as e:
+            raise BadInput(f"{where}: {name}/config.json is not valid JSON ({e})") from None
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise BadInput(f"{where}: {name}/config.json has no model_type: not a transformers model config")
+        check_model_code(path, spec.trust_remote_code, where)
         # Changing the weights in place must change the ids: fingerprint the folder's files.
         stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
         return LocalRef(path=name, fingerprint=hashlib.sha256(repr(stats).encode()).hexdigest()[:16]), []
@@ -455,6 +466,8 @@ def _evaluate_jobs(spec: Spec, plan: Plan, models: list[_Model]) -> None:
         if not fnmatch.filter(selection.names, pattern):
             raise BadInput(f"evaluate.per_task.{pattern}: matches none of the evaluated tasks")
     settings = {task: spec.evaluate.settings_for(task) for task in selection.names}
+    for task in selection.names:
+        check_unsafe_code(task, _config(plan, selection, task), settings[task])
     check_evaluate_arguments(
         [k for s in settings.values() for k in s.model_dump(exclude_defaults=True) if k != "batch_size"]
     )

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
+from pefteval_harness.errors import failure_classes_legend
 from pefteval_harness.store import Store
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,8 @@ class JobStatus:
     progress: dict | None = None  # running: what the job last wrote
     age_seconds: float | None = None  # running: since it last wrote
     reason: str | None = None  # failed
-    error_class: str | None = None
+    error_class: str | None = None  # failed: a key of errors.FAILURE_CLASSES
+    log: str | None = None  # failed: where its full log is (a path, or a URL in a remote store)
 
     @property
     def name(self) -> str:
@@ -267,7 +269,7 @@ class RunStatus:
         return [job for job in self.jobs if job.state in states]
 
     def summary(self) -> str:
-        """"12 done · 2 running · 1 failed · 30 left (of 45)" (queued only when some are)."""
+        """The counts, as "12 done · 2 running · 1 failed · 30 left (of 45)" (queued only when some are)."""
         counts = self.counts()
         shown = [f"{counts[s]} {s}" for s in STATES if counts[s] or s != "queued"]
         return " · ".join(shown) + f" (of {len(self.jobs)})"
@@ -286,13 +288,18 @@ class RunStatus:
             parts.append(tabulate(rows, headers=["running", "progress", "updated", "job id"], tablefmt="github"))
         failed = self.of("failed")
         if failed:
-            rows = [[job.name, job.error_class or "-", job.reason or "-", job.id] for job in failed]
-            parts.append(tabulate(rows, headers=["failed", "class", "reason", "job id"], tablefmt="github"))
+            rows = [[job.name, job.error_class or "-", job.reason or "-", job.log or "-", job.id] for job in failed]
+            parts.append(tabulate(rows, headers=["failed", "class", "reason", "log", "job id"], tablefmt="github"))
+            parts.append(failure_classes_legend(job.error_class for job in failed))
         return "\n\n".join(parts) + "\n"
 
     def to_json(self) -> dict:
-        return {"name": self.name, "counts": self.counts(), "total": len(self.jobs),
-                "jobs": [{**asdict(job), "line": job.line()} for job in self.jobs]}
+        return {
+            "name": self.name,
+            "counts": self.counts(),
+            "total": len(self.jobs),
+            "jobs": [{**asdict(job), "line": job.line()} for job in self.jobs],
+        }
 
 
 def _age(seconds: float | None) -> str:
@@ -328,6 +335,7 @@ def status_of(store: Store, plan_json: dict) -> RunStatus:
                 entry.state = "queued"
         elif status.get("state") == "failed":
             entry.state, entry.reason, entry.error_class = "failed", status.get("reason"), status.get("error_class")
+            entry.log = store.location(status["log"]) if status.get("log") else None
         jobs.append(entry)
     return RunStatus(plan_json.get("name", ""), jobs)
 

@@ -15,23 +15,27 @@
   its workers' resources as in use while it runs.
 - A job still running after its kind's `timeout_minutes` (from its submission) is cancelled and
   recorded failed, class "timeout", never retried; a batch of n jobs gets n times the timeout.
-- A failed job is retried up to `max_retries` times unless its failure is deterministic (bad input);
-  then it is recorded as failed with its reason and class, and every job downstream of it as failed
-  because of it. Ray itself retries a task whose worker or node dies (`max_retries` on the task);
-  when none is left it is recorded failed with Ray's reason, class "system".
+- A failed job is retried up to `max_retries` times if its class says a retry can help
+  (`errors.FAILURE_CLASSES`: only "error"); then it is recorded as failed with its reason, class and
+  log, and every job downstream of it as failed because of it. Ray itself retries a task whose worker
+  or node dies (`max_retries` on the task); when none is left it is recorded failed with Ray's reason,
+  class "killed" ("out_of_memory" when Ray's memory monitor killed it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from pefteval_harness import scheduling
-from pefteval_harness.errors import BadInput
+from pefteval_harness.errors import FAILURE_CLASSES, BadInput, failure_class
 from pefteval_harness.jobs.types import Job, Resources
 from pefteval_harness.plan import Plan
 from pefteval_harness.store import DONE, FAILED, Store, new_run_id
@@ -42,6 +46,16 @@ log = logging.getLogger(__name__)
 # authentication (on by default in Ray 2.60) is pointless for a Ray only this process uses.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 POLL_SECONDS = 2.0  # how often the driver looks at jobs another run is doing
+# Joining a cluster fails within this, naming the address: a TCP probe of it first (PROBE_SECONDS), then one
+# connection attempt of Ray's of about 20 s (5 s for the GCS channel, 5 for its pubsub, JOIN_ENV's 10 for an
+# answer). Ray's own default is 20 attempts of about 40 s: a dead address hung a run for 14 minutes. Set for
+# the join only (the attempts count would also cut a local Ray's start short), and before Ray is imported
+# (when it reads the answer's timeout; a process that imported Ray before waits Ray's 30 s for it instead).
+# Values the user set win.
+JOIN_TIMEOUT_SECONDS = 30
+PROBE_SECONDS = 5.0
+JOIN_ENV = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "10"}
+CANCEL_WAIT_SECONDS = 10.0  # a stopped run waits this long at most for its cancelled tasks to end
 
 
 @dataclass
@@ -56,21 +70,22 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
 
     A plain run never joins a Ray it was not told about: `address="local"` starts a fresh one even when
     the machine's Ray temp folder names another (possibly dead) cluster. `--address auto` joins that one.
+    Joining fails within JOIN_TIMEOUT_SECONDS, with a BadInput naming the address, if nothing answers there.
     """
     from pefteval_harness.numerics import NUMERICS_ENV
 
+    given = f"--address {address}" if address else f"RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}"
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # Ray reads these when it is imported: set them before the import, and check that it worked.
-        # The numerics pins too: a local Ray's workers inherit them from the start (on a cluster, each
-        # job sets them itself before torch computes anything: `numerics.pin_numerics`).
-        os.environ.update({**LOOPBACK_ENV, **NUMERICS_ENV})
+    if address and address != "local":
+        _join(address, given, verbose)
+        return
+    # Ray reads these when it is imported: set them before the import, and check that it worked. The
+    # numerics pins too: a local Ray's workers inherit them from the start (on a cluster, each job sets them
+    # itself before torch computes anything: `numerics.pin_numerics`).
+    os.environ.update({**LOOPBACK_ENV, **NUMERICS_ENV})
     import ray
 
     if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=verbose)
         return
     from ray._private import ray_constants
 
@@ -79,17 +94,129 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
             "ray was imported before pefteval could keep the local Ray on 127.0.0.1:"
             " set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
         )
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        num_cpus=num_cpus,
-        log_to_driver=verbose,  # the jobs' own output; Ray keeps it in its session logs either way
-    )
+    with _callers_sigterm_handler():
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            num_cpus=num_cpus,
+            log_to_driver=verbose,  # the jobs' own output; Ray keeps it in its session logs either way
+        )
     addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
     if addresses != {"127.0.0.1"}:
         ray.shutdown()
         raise RuntimeError(f"the local Ray bound to {addresses}, not 127.0.0.1; stopped it")
+
+
+def _join(address: str, given: str, verbose: bool) -> None:
+    """ray.init(address), bounded: a BadInput naming the address when nothing answers there as a Ray cluster."""
+    added = {name: value for name, value in JOIN_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            _connect(address, given, verbose)
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _connect(address: str, given: str, verbose: bool) -> None:
+    import ray
+    from ray._common.utils import get_ray_address_file
+    from ray._private import services
+
+    try:  # what Ray will connect to: "auto" is the cluster the machine's Ray temp folder names
+        target = address if "://" in address else services.canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as e:
+        raise BadInput(f"{given}: {_first_line(e)}") from None
+    if address == "auto" and target == services.find_bootstrap_address(None):  # a stale one is then deleted
+        given += f" (the cluster {get_ray_address_file(None)} names)"
+    host_port = target.split("://")[-1].split("/")[0]
+    host, _, port = host_port.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_SECONDS).close()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise BadInput(f"{given}: no Ray cluster answers at {host_port} ({why})") from None
+    try:
+        with _callers_sigterm_handler():
+            ray.init(address=address, log_to_driver=verbose)
+    except ConnectionError:  # the port is open, but no Ray answered behind it
+        raise BadInput(f"{given}: no Ray cluster answered at {host_port} within {JOIN_TIMEOUT_SECONDS} s") from None
+    except (RuntimeError, TimeoutError) as e:  # another Ray version, an auth mismatch...
+        raise BadInput(f"{given}: could not join the Ray cluster at {host_port}: {_first_line(e)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+@contextmanager
+def ray_of_this_block() -> Iterator[None]:
+    """Ray is shut down when the block ends if the block connected this process to it: a run's own local Ray
+    stops with the run (at once, not at exit), a joined cluster is only left. A Ray connected before stays."""
+    import sys
+
+    connected_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    try:
+        yield
+    finally:
+        ray = sys.modules.get("ray")
+        if not connected_before and ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+
+@contextmanager
+def _callers_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces the SIGTERM handler with its own (sys.exit(15)): one the caller set (`StopSignals`) is put
+    back. The default (terminate) is left to Ray's."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if callable(before) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, before)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM stop a run: `with StopSignals() as stop:` around it; `stop.exit_code` after.
+
+    The first signal raises KeyboardInterrupt in the main thread (Ray's blocking calls turn whatever a handler
+    raises into that one), and is remembered for the exit code (128 + its number: 130, 143); further ones are
+    ignored while the run cancels its jobs and shuts its Ray down (seconds). The handlers before are restored.
+    Outside the main thread it does nothing (Python runs handlers there only)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._before: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._before = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._before.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            log.warning("%s: already stopping", signal.Signals(signum).name)
+            return
+        self.received = signum
+        raise KeyboardInterrupt
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received or signal.SIGINT).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.received or signal.SIGINT)  # a KeyboardInterrupt from elsewhere counts as Ctrl-C
 
 
 def _batch_key(job: Job) -> str | None:
@@ -97,6 +224,26 @@ def _batch_key(job: Job) -> str | None:
     if job.kind != "evaluate":
         return None
     return job.config.model.model_dump_json() + str(job.config.settings.batch_size) + job.resources.model_dump_json()
+
+
+@contextmanager
+def _cancelled_when_stopped(in_flight: dict) -> Iterator[None]:
+    """A stopped run (KeyboardInterrupt, as `StopSignals` raises) cancels its running tasks, and waits a little for
+    them to end before its claims are released (`_Heartbeat`, exited after). Nothing is recorded for them: they
+    are not done, and the next run runs them. A store write cut short leaves no torn file (writes are atomic),
+    and a cancelled job's staging folder is never an artifact (`Store.staging`)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        import ray
+
+        refs = list(in_flight)
+        for ref in refs:
+            ray.cancel(ref, force=True)  # force: kill the worker, a job's own code never checks for a cancel
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_SECONDS)
+        log.warning("stopped: %d running tasks cancelled", len(refs))
+        raise
 
 
 class _Heartbeat:
@@ -133,6 +280,7 @@ def execute(
     task: Callable | None = None,
     estimate: Callable[[Job], float] | None = None,
     prioritize: bool = True,
+    run_id: str | None = None,
 ) -> RunSummary:
     """Run the plan's pending jobs on the connected Ray cluster; return what ran, was skipped and failed.
 
@@ -143,7 +291,7 @@ def execute(
 
     `task` is what a Ray task runs for a batch (default `jobs.run_batch`; a fresh worker process each
     time); a `ray.remote` function is used as it is. `estimate` gives a job's expected seconds
-    (default `scheduling.estimate_seconds`, by kind).
+    (default `scheduling.estimate_seconds`, by kind). `run_id` names this run in its claims (default: a new id).
     """
     import ray
 
@@ -159,7 +307,7 @@ def execute(
     order = scheduling.priorities(plan.jobs, estimate) if prioritize else {}
     position = {job.id: i for i, job in enumerate(plan.jobs)}
     summary = RunSummary()
-    owner = new_run_id()
+    owner = run_id or new_run_id()  # what this run's claims say
     state: dict[str, str] = {}  # job id -> done | failed (settled jobs only)
     attempts: dict[str, int] = {}
     in_flight: dict[ray.ObjectRef, _Running] = {}
@@ -210,6 +358,7 @@ def execute(
                 reason=outcome["reason"],
                 error_class=outcome["error_class"],
                 attempts=attempts.get(job.id, 0),
+                **({"log": outcome["log"]} if outcome.get("log") else {}),
             )
             log.error("FAILED %s: %s", _name(job), outcome["reason"])
         if job.id in held:
@@ -260,7 +409,7 @@ def execute(
         in_flight[ref] = _Running(batch, res, now, now + sum(estimate(j) for j in batch), timeout)
         log.info("submitted %s %s", batch[0].kind, ", ".join(j.id for j in batch))
 
-    with _Heartbeat(store, owner, held):
+    with _Heartbeat(store, owner, held), _cancelled_when_stopped(in_flight):
         while True:
             # Settle what upstream failures decide; the rest whose inputs are done are ready.
             settled_before = len(state)
@@ -340,7 +489,8 @@ def execute(
                 retry = []
                 for job in run.jobs:
                     outcome = outcomes[job.id]
-                    if outcome["state"] != DONE and outcome.get("retryable") and attempts[job.id] <= max_retries:
+                    failed = outcome["state"] != DONE
+                    if failed and FAILURE_CLASSES[outcome["error_class"]].retried and attempts[job.id] <= max_retries:
                         log.warning("retrying %s: %s", _name(job), outcome["reason"])
                         retry.append(job)
                     else:
@@ -393,14 +543,16 @@ def _cause(error: Exception) -> str:
 
 
 def _failure(reason: str, error_class: str) -> dict:
-    return {"state": FAILED, "reason": reason, "error_class": error_class, "retryable": False}
+    return {"state": FAILED, "reason": reason, "error_class": error_class}
 
 
 def _error_class(error: Exception) -> str:
-    """Class "system" when Ray lost the worker or its node (NodeDiedError, WorkerCrashedError, OwnerDiedError,
-    OutOfMemoryError...), else "error"."""
+    """Class out_of_memory when Ray's memory monitor killed the worker; killed when Ray lost the worker or its
+    node otherwise (WorkerCrashedError, NodeDiedError, OwnerDiedError...); else the job's own error's class."""
     import ray
 
+    if isinstance(error, ray.exceptions.OutOfMemoryError):
+        return "out_of_memory"
     if isinstance(error, ray.exceptions.RayError) and not isinstance(error, ray.exceptions.RayTaskError):
-        return "system"
-    return "error"
+        return "killed"
+    return failure_class(error.cause if isinstance(error, ray.exceptions.RayTaskError) and error.cause else error)

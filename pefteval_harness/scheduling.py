@@ -6,7 +6,8 @@
   GPU's free share, since Ray places a fractional GPU request on one GPU). The runner submits only jobs
   that fit in it right now, so Ray's own queue (not in priority order across resource shapes) stays empty.
 - Feasibility: a job no node of the cluster could ever hold (a GPU on a CPU-only cluster, a gang whose
-  workers cannot all be placed) fails at once (`infeasible`) instead of waiting forever.
+  workers cannot all be placed) fails at once (`infeasible`) instead of waiting forever; `check_feasible`
+  refuses such a run before it writes anything.
 - Accelerator memory: `gpu_share` turns `accelerator_memory_gb` into a share of one GPU; `auto` is estimated
   from the base model's size (`estimate_accelerator_memory_gb`); `cap_accelerator_memory` holds a job that
   shares a GPU to its share.
@@ -176,6 +177,32 @@ def infeasible(resources: Resources, totals: Cluster) -> str | None:
     asks = describe_ask(resources)
     largest = totals.largest_node().describe() if totals.nodes else "none"
     return f"asks for {asks}, more than the cluster's nodes can hold (largest node: {largest})"
+
+
+def local_cluster(num_cpus: int | None = None) -> Cluster:
+    """The local Ray `runner.init_ray` would start, without starting it: `--num-cpus` (else every CPU), the
+    visible CUDA devices and the machine's memory. Each is at least what that Ray offers jobs, so a job
+    this cluster cannot hold, that Ray could not either."""
+    import psutil
+    import torch
+
+    cpus = num_cpus or os.cpu_count() or 1
+    return Cluster.of([{"CPU": cpus, "GPU": torch.cuda.device_count(), "memory": psutil.virtual_memory().total}])
+
+
+def check_feasible(jobs: Iterable[Job], gpu_memory_gb: float | None, num_cpus: int | None = None) -> None:
+    """BadInput for the first job no node could ever hold, so that a run fails before it writes anything
+    instead of waiting for room that never comes. The cluster is the Ray this process has joined, else the
+    local one a run would start (`local_cluster`: Ray is not started for this)."""
+    import sys
+
+    ray = sys.modules.get("ray")  # not imported here: a local Ray must be set up before ray is imported
+    cluster = Cluster.of_ray() if ray is not None and ray.is_initialized() else local_cluster(num_cpus)
+    for job in jobs:
+        why = infeasible(gpu_share(job.resources, gpu_memory_gb), cluster)
+        if why:
+            section = "merge" if job.kind == "base" else job.kind  # the tiny base is built with merge's resources
+            raise BadInput(f"resources.{section}: {job.kind} job {job.label} {why}")
 
 
 def describe_ask(r: Resources) -> str:

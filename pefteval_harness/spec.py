@@ -330,7 +330,7 @@ class Spec(_Frozen):
     name: str = ""
     base_model: str = TINY
     trust_remote_code: bool = False
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="numpy's seed range, which training and lm-eval use")
     output: str | None = None
     include_paths: list[str] = Field(default_factory=list, description="extra lm-eval task folders")
     train: TrainSettings = TrainSettings()

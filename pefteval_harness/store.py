@@ -29,9 +29,15 @@ DONE, FAILED = "done", "failed"
 CLAIM_STALE_SECONDS = 120.0
 CACHE_ENV = "PEFTEVAL_CACHE"  # where a remote store's artifacts are cached on each node
 PLAN, MANIFEST = "plan.json", "artifact.json"
+RUNS = "runs"  # runs/<run id>/plan.json and spec.yaml: every run's own
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: the process umask, restored at once
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` as the user's umask allows it: for files and folders made private by mkstemp/mkdtemp (0600/0700)."""
+    return mode & ~_UMASK
 
 
 def _pid_namespace() -> str | None:
@@ -45,7 +51,8 @@ def _pid_namespace() -> str | None:
 _HOST, _PID_NS = socket.gethostname(), _pid_namespace()
 
 
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old content or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -53,16 +60,26 @@ def _write_atomic_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644 & ~_UMASK)  # mkstemp makes 0600; results are for everyone the umask allows
+        os.chmod(tmp, umask_mode(0o644))  # mkstemp makes 0600; results are for everyone the umask allows
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _follow_umask(folder: Path) -> None:
+    """Files 0644 and folders 0755 as the umask allows: mkdtemp makes 0700, and some writers (safetensors)
+    make 0600, which would hide models from the teammates a shared results folder is for."""
+    folder.chmod(umask_mode(0o755))
+    for parent, subfolders, files in os.walk(folder):
+        for name in subfolders:
+            os.chmod(os.path.join(parent, name), umask_mode(0o755))
+        for name in files:
+            os.chmod(os.path.join(parent, name), umask_mode(0o644))
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never a torn one."""
-    _write_atomic_bytes(Path(path), text.encode())
+    write_atomic_bytes(Path(path), text.encode())
 
 
 def _dump_json(obj: Any) -> str:
@@ -104,7 +121,9 @@ def _parse_plan(text: bytes | str, where: str) -> dict:
 
 
 def new_run_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    """Its start (UTC, so that run ids sort by time), host, pid and a random part."""
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{started}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://|::")  # a scheme (two letters at least: not a drive), or a chain
@@ -175,7 +194,7 @@ class Store:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Readers see the old content or the new one, never a torn one."""
-        _write_atomic_bytes(self.root / rel, data)
+        write_atomic_bytes(self.root / rel, data)
 
     def exists(self, rel: str = "") -> bool:
         return (self.root / rel).exists()
@@ -211,7 +230,10 @@ class Store:
         return None if data is None else data.decode()
 
     def write_text(self, rel: str, text: str) -> None:
-        self.write_bytes(rel, text.encode())
+        """Every text and JSON file goes through here: no secret-looking environment value is written."""
+        from pefteval_harness.secrets import redact
+
+        self.write_bytes(rel, redact(text).encode())
 
     def read_json(self, rel: str) -> Any:
         data = self.read_bytes(rel)
@@ -261,6 +283,20 @@ class Store:
         if result is not None:
             self.write_json(f"{job_dir}/result.json", result)
         self.write_json(f"{job_dir}/status.json", {"state": state, **status})
+        self.remove_leftovers(job["id"])
+
+    def remove_leftovers(self, job_id: str) -> None:
+        """Delete what killed attempts of the job left in its folder: temporary files and staging folders
+        (their names start with a dot; nothing else's does). Called by the job's holder only: as its
+        attempt starts building an artifact, and once it is recorded. A claim being taken over by another
+        run this instant (".claim.<random>") is not a leftover."""
+        for entry in self.job_dir(job_id).glob(".*"):
+            if entry.name.startswith(".claim."):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def jobs(self) -> Iterator[tuple[dict, dict]]:
         """(job definition, status) of every job that has a status."""
@@ -278,10 +314,11 @@ class Store:
         """A scratch folder that becomes the job's artifact only if the block finishes."""
         job_dir = self.job_dir(job_id)
         job_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_leftovers(job_id)  # a killed attempt's staging folder may hold a whole model
         tmp = Path(tempfile.mkdtemp(prefix=".artifact.", dir=job_dir))
-        tmp.chmod(0o755 & ~_UMASK)  # mkdtemp makes 0700; models are for everyone the umask allows
         try:
             yield tmp
+            _follow_umask(tmp)
             final = self.artifact(job_id)
             if final.exists():  # left by an attempt that died before its status was written
                 shutil.rmtree(final)
@@ -398,6 +435,7 @@ PROCESS_LOCAL = frozenset({"memory"})
 # Options for `fsspec.url_to_fs` by protocol: a local filesystem makes parent folders as it writes.
 STORAGE_OPTIONS = {"file": {"auto_mkdir": True}, "local": {"auto_mkdir": True}}
 _PROCESS_LOCK = threading.Lock()
+_TMP_SUFFIX = ".tmp"  # a remote store's file being written: "<name>.<random>.tmp", renamed when whole
 
 
 def cache_root() -> Path:
@@ -462,7 +500,7 @@ class RemoteStore(Store):
         if self.object_store:
             self.fs.pipe_file(path, data)  # one put: atomic for readers
             return
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}"
         self.fs.pipe_file(tmp, data)
         try:
             self.fs.mv(tmp, path)  # a rename on a filesystem with folders
@@ -472,6 +510,15 @@ class RemoteStore(Store):
 
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self._abs(rel))
+
+    def remove_leftovers(self, job_id: str) -> None:
+        """Temporary files of killed writers (filesystems with folders; an object store's puts leave none).
+        A killed upload's files are replaced by the next one (`_upload`)."""
+        if self.object_store:
+            return
+        for name in self.listdir(f"jobs/{job_id}"):
+            if name.endswith(_TMP_SUFFIX):
+                self.delete(f"jobs/{job_id}/{name}")
 
     def is_folder(self, rel: str = "") -> bool:  # on an object store: a prefix with objects below it
         return self.fs.isdir(self._abs(rel))

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pefteval_harness.store import umask_mode
+
 TINY_SEED = 0
 TINY_CONFIG = dict(
     hidden_size=64,
@@ -64,7 +66,7 @@ def build(out_dir: str | Path) -> Path:
     pretrain(model, tokenizer)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
+    tmp.chmod(umask_mode(0o755))  # mkdtemp makes 0700: the model is for everyone the umask allows
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -255,7 +255,8 @@ def test_heat_maps_are_pngs_of_the_tables_and_linked(tmp_path):
     assert (root / "plots" / "affective_ag.png").read_bytes() == again  # deterministic
 
 
-# What this store rendered before strategies and the affective sections existed (same code's output, kept).
+# What this store rendered before strategies and the affective sections existed (same code's output, kept;
+# since issue 10 its failures table has a log column and a legend of the classes shown).
 BEFORE = """\
 | model   | method   | t1 (acc)   | t2 (acc)   | plain (acc)   | weighted (acc)   | average (acc)   |
 |---------|----------|------------|------------|---------------|------------------|-----------------|
@@ -266,9 +267,11 @@ BEFORE = """\
 
 Failed jobs: 1.
 
-| model   | task   | job id                    | class   | reason          |
-|---------|--------|---------------------------|---------|-----------------|
-| b       | t2     | evaluate-0000000000000003 | error   | RuntimeError: x |
+| model   | task   | job id                    | class   | reason          | log   |
+|---------|--------|---------------------------|---------|-----------------|-------|
+| b       | t2     | evaluate-0000000000000003 | error   | RuntimeError: x | -     |
+
+- error: anything else; retried: up to max_retries
 """
 OLD_FIELDS = FIELDS[: FIELDS.index("note") + 1]
 
@@ -283,7 +286,7 @@ def test_a_store_without_strategies_renders_as_before(tmp_path):
 
     assert markdown == BEFORE
     assert not (tmp_path / "plots").exists()
-    assert FIELDS == [*OLD_FIELDS, "strategy", "affect", "form"]  # the new columns come last
+    assert FIELDS == [*OLD_FIELDS, "strategy", "affect", "form", "log"]  # the new columns come last
     lines = (tmp_path / "leaderboard.csv").read_text().splitlines()
-    assert lines[0] == ",".join(OLD_FIELDS) + ",strategy,affect,form"
-    assert all(line.endswith(",,,") for line in lines[1:])
+    assert lines[0] == ",".join(OLD_FIELDS) + ",strategy,affect,form,log"
+    assert all(line.endswith(",,,,") for line in lines[1:])

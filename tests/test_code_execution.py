@@ -49,6 +49,20 @@ def test_network_access_is_refused():
         assert not passed and "refused by the sandbox" in reason, (program, reason)
 
 
+def test_with_user_namespaces_the_program_has_no_network_below_the_audit_hook():
+    from pefteval_harness.code_execution import network_namespace_prefix
+
+    if not network_namespace_prefix():
+        pytest.skip("this kernel (or container) gives no unprivileged user namespaces")
+    # Its own network namespace: a loopback interface and nothing else, not even a route (lo is down).
+    program = "NET = open('/proc/self/net/dev').read().splitlines()[2:]\nROUTES = open('/proc/self/net/route').read()"
+    tests = [
+        "assert [line.split(':')[0].strip() for line in NET] == ['lo'], NET",
+        "assert ROUTES.splitlines()[1:] == [], ROUTES",
+    ]
+    assert run_tests(program, tests) == (True, "passed")
+
+
 def test_processes_cannot_be_started_nor_signalled():
     for program in (
         "import subprocess\nsubprocess.run(['true'])",

@@ -561,7 +561,7 @@ def test_merge_from_config_round_trip_with_relative_paths(tmp_path, monkeypatch)
             "method: ties\nparameters: {density: 0}\nexperts: [{path: a}]\n",
             "^merge.yaml: parameters: merge method 'ties': parameter 'density': Input should be greater than 0$",
         ),
-        ("method: ties\nparameters: {scaling: .nan}\nexperts: [{path: a}]\n", "'scaling': Input should be a finite"),
+        ("method: ties\nparameters: {scaling: .nan}\nexperts: [{path: a}]\n", "parameters.scaling: .* finite"),
         ("method: ties\nspace: weights\nexperts: [{path: a}]\n", "merge.yaml: space: Input should be 'delta_w' or"),
         ("method: linear\nweights: [1]\nexperts: [{path: a, weight: 2}]\n", "merge.yaml: weights: .* not both"),
         ("method: linear\nweights: [1, 2]\nexperts: [{path: a}]\n", "merge.yaml: weights: 2 weights for 1 experts"),

@@ -643,8 +643,8 @@ def test_sweep_points_carry_their_sweep_on_every_record(tmp_path):
     assert {r.record for r in swept} == {"score", "aggregate", "cost"}
     assert all(r.sweep_of == "lora" and r.sweep == {"config.r": 4} for r in swept)
     assert all(r.sweep_of is None and r.sweep == {} for r in report.records if r.model == "fft")
-    assert FIELDS[-9:] == ["clean_partner", "sweep_of", "sweep", "module", "layer", "note", "strategy", "affect",
-                           "form"]  # new columns last  # fmt: skip
+    assert FIELDS[-10:] == ["clean_partner", "sweep_of", "sweep", "module", "layer", "note", "strategy", "affect",
+                            "form", "log"]  # new columns last  # fmt: skip
     (item, *_) = json.loads(render(report, "json"))
     assert item["sweep"] == {"config.r": 4} and item["sweep_of"] == "lora"
     line = next(csv.DictReader(io.StringIO(render(report, "csv"))))

@@ -247,4 +247,4 @@ def test_a_lost_worker_is_recorded_with_rays_reason(local_ray, model_folder, tmp
     summary = execute(plan, store, max_retries=0, task=crash)  # no retry left: Ray gives up at once
     (reason,) = summary.failed.values()
     assert reason.startswith("WorkerCrashedError: The worker died unexpectedly while executing this task.")
-    assert store.status(plan.jobs[0].id)["error_class"] == "system"
+    assert store.status(plan.jobs[0].id)["error_class"] == "killed"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import stat
+
 import pytest
 
-from pefteval_harness.store import DONE, FAILED, Store, read_json, write_atomic
+from pefteval_harness.store import DONE, FAILED, Store, read_json, umask_mode, write_atomic
 
 
 def test_write_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path):
@@ -27,6 +29,26 @@ def test_staging_becomes_the_artifact_only_when_the_block_finishes(tmp_path):
         (scratch / "weights").write_text("whole")
     assert (store.artifact("train-1") / "weights").read_text() == "whole"
     assert not store.is_done("train-1")  # an artifact alone is not a finished job
+
+
+def test_a_killed_attempts_leftovers_go_when_the_job_is_staged_again_or_recorded(tmp_path):
+    store = Store(tmp_path)
+    folder = store.job_dir("train-1")
+    for dead in (".artifact.k1ll", "..artifact.k1ll.tiny"):  # a killed staging, the tiny model's own inside it
+        (folder / dead).mkdir(parents=True)
+        (folder / dead / "model.safetensors").write_bytes(b"half")
+    (folder / ".status.json.k1ll").write_text("{")  # a killed atomic write
+    (folder / ".claim.n0w").write_text("{}")  # another run taking the claim over this instant: not a leftover
+    with store.staging("train-1") as scratch:
+        assert sorted(p.name for p in folder.iterdir()) == sorted([".claim.n0w", scratch.name])
+        (scratch / "model.safetensors").write_bytes(b"whole")
+        (scratch / "model.safetensors").chmod(0o600)  # as safetensors writes it
+    assert stat.S_IMODE((store.artifact("train-1") / "model.safetensors").stat().st_mode) == umask_mode(0o644)
+    assert stat.S_IMODE(store.artifact("train-1").stat().st_mode) == umask_mode(0o755)
+    (folder / ".result.json.k1ll").write_text("{")
+    store.record({"id": "train-1"}, DONE, {})
+    kept = [".claim.n0w", "artifact", "job.json", "result.json", "status.json"]
+    assert sorted(p.name for p in folder.iterdir()) == kept
 
 
 def test_status_is_the_commit_point(tmp_path):

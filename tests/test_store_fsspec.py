@@ -295,7 +295,8 @@ def test_a_merge_job_reads_and_writes_a_file_url_store_as_a_local_one(tmp_path, 
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch_close(out[name], a[name] + b[name] - base[name])
     listed = sorted(p.name for p in local.job_dir("merge-1").iterdir())
-    assert listed == ["artifact", "job.json", "progress.json", "result.json", "status.json"]
+    assert listed == ["artifact", "job.json", "log.txt", "progress.json", "result.json", "status.json"]
+    assert "log.txt" in remote_files(remote, "jobs/merge-1")  # the job's log, through the store's API
 
 
 def torch_close(x, y) -> bool:

@@ -13,8 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pefteval_harness.errors import BadInput
+from pefteval_harness.errors import failure_class
+from pefteval_harness.jobs.job_log import JobLog
+from pefteval_harness.jobs.memory_cap import MemoryCap
 from pefteval_harness.jobs.types import ArtifactRef, HubRef, Job, LocalRef, ModelRef
+from pefteval_harness.secrets import redact
 from pefteval_harness.store import DONE, FAILED, Store
 
 log = logging.getLogger(__name__)
@@ -98,18 +101,17 @@ JOB_KINDS: dict[str, JobKind] = {
 
 
 def outcome_of(error: BaseException) -> dict:
-    """A failed job's status: its one-line reason and class; bad input is never worth retrying."""
+    """A failed job's status: its one-line reason (redacted) and class (`errors.FAILURE_CLASSES`)."""
     lines = str(error).strip().splitlines()
-    reason = f"{type(error).__name__}: {lines[-1] if lines else ''}"
-    error_class = "bad_input" if isinstance(error, BadInput) else "error"
-    return {"state": FAILED, "reason": reason, "error_class": error_class, "retryable": error_class != "bad_input"}
+    reason = redact(f"{type(error).__name__}: {lines[-1] if lines else ''}")
+    return {"state": FAILED, "reason": reason, "error_class": failure_class(error)}
 
 
-def _record_done(job: Job, store: Store, result: dict, numerics: dict) -> dict:
+def _record_done(job: Job, store: Store, result: dict, numerics: dict, logged: dict) -> dict:
     from pefteval_harness.provenance import provenance
 
     result["pefteval"] = {"model": job.label, "kind": job.kind, **provenance(job), "numerics": numerics}
-    store.record(job.model_dump(mode="json"), DONE, result)
+    store.record(job.model_dump(mode="json"), DONE, result, **logged)
     return {"state": DONE}
 
 
@@ -136,24 +138,43 @@ def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, 
             outcomes[job.id] = {"state": DONE}
         else:
             todo.append(job)
-    if todo and all(job.kind == "evaluate" for job in todo):
-        from pefteval_harness.jobs.evaluate import evaluate_batch
-
-        try:
-            results = evaluate_batch(todo, store)
-        except Exception as e:  # the model did not load: every evaluation of it fails alike
-            return {**outcomes, **{job.id: outcome_of(e) for job in todo}}
+    # A gang's coordinator holds nothing itself: its memory cap would be its Ray Train workers'.
+    memory_gb = typed[0].resources.memory_gb if typed and typed[0].resources.workers == 1 else None
+    with JobLog() as job_log:
+        if todo and all(job.kind == "evaluate" for job in todo):
+            return {**outcomes, **_evaluate_all(todo, store, numerics, job_log, memory_gb)}
         for job in todo:
-            result = results[job.id]
-            failed = isinstance(result, BaseException)
-            outcomes[job.id] = outcome_of(result) if failed else _record_done(job, store, result, numerics)
-        return outcomes
+            job_log.start()
+            if job.kind != "train":  # training reports its steps itself; the others say they have started
+                ProgressWriter(store, job.id)({"phase": job.kind, "message": "started"}, force=True)
+            try:
+                with MemoryCap(memory_gb):
+                    result = JOB_KINDS[job.kind].run(job, store)
+                outcomes[job.id] = _record_done(job, store, result, numerics, job_log.save(store, job.id))
+            except Exception as e:
+                log.exception("job %s failed", job.id)
+                outcomes[job.id] = {**outcome_of(e), **job_log.save(store, job.id)}
+    return outcomes
+
+
+def _evaluate_all(todo: list[Job], store: Store, numerics: dict, job_log: JobLog, memory_gb) -> dict[str, dict]:
+    """A model's evaluations in this worker; each job's log is the batch's (one process, one model load)."""
+    from pefteval_harness.jobs.evaluate import evaluate_batch
+
+    try:
+        with MemoryCap(memory_gb):
+            results = evaluate_batch(todo, store)
+    except Exception as e:  # the model did not load: every evaluation of it fails alike
+        log.exception("the evaluations of %s failed", todo[0].label)
+        results = {job.id: e for job in todo}
     for job in todo:
-        if job.kind != "train":  # training reports its steps itself; the others say they have started
-            ProgressWriter(store, job.id)({"phase": job.kind, "message": "started"}, force=True)
-        try:
-            outcomes[job.id] = _record_done(job, store, JOB_KINDS[job.kind].run(job, store), numerics)
-        except Exception as e:
-            log.exception("job %s failed", job.id)
-            outcomes[job.id] = outcome_of(e)
+        if isinstance(results[job.id], BaseException):
+            log.error("job %s failed", job.id, exc_info=results[job.id])
+    outcomes = {}
+    for job in todo:
+        result, logged = results[job.id], job_log.save(store, job.id)
+        if isinstance(result, BaseException):
+            outcomes[job.id] = {**outcome_of(result), **logged}
+        else:
+            outcomes[job.id] = _record_done(job, store, result, numerics, logged)
     return outcomes

@@ -15,6 +15,7 @@ One body (`train_rank`) trains a job in one process or as one rank of a Ray Trai
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import random
@@ -22,6 +23,7 @@ import resource
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -36,6 +38,8 @@ from pefteval_harness.jobs.types import DeepSpeedSettings, Job
 from pefteval_harness.store import Store
 from pefteval_harness.tasks import manager_for
 from pefteval_harness.tasks.rendering import training_examples
+
+log = logging.getLogger(__name__)
 
 
 def deepspeed_config(settings: DeepSpeedSettings) -> dict:
@@ -58,6 +62,36 @@ def deepspeed_config(settings: DeepSpeedSettings) -> dict:
         "zero_allow_untested_optimizer": True,
         **settings.config,
     }
+
+
+# torch builds DeepSpeed's C++ ops (on a CPU, its shared-memory collectives) in a folder under a lock file,
+# which it takes even to check a finished build. A process killed holding it (SIGKILL, a lost node) leaves
+# the file, and every later DeepSpeed job on the machine waits for it forever (seen in bench/chaos.py). A
+# build of these ops takes well under a minute here: a lock older than this belongs to a dead process.
+STALE_BUILD_LOCK_SECONDS = 300.0
+
+
+@cache
+def _sweep_dead_build_locks(every_seconds: float = 10.0) -> None:
+    """Delete torch's extension-build locks older than STALE_BUILD_LOCK_SECONDS while this process lives."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # Where torch builds: $TORCH_EXTENSIONS_DIR/<op>, else <its cache>/py311_cpu/<op> (python and CUDA versions).
+    chosen = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root, pattern = (Path(chosen), "*/lock") if chosen else (Path(get_default_build_root()), "*/*/lock")
+
+    def sweep() -> None:
+        while True:
+            for lock in root.glob(pattern):
+                try:
+                    if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_SECONDS:
+                        lock.unlink()
+                        log.warning("removed %s: a build lock left by a process that was killed", lock)
+                except FileNotFoundError:
+                    pass
+            time.sleep(every_seconds)
+
+    threading.Thread(target=sweep, name="build-lock-sweeper", daemon=True).start()
 
 
 def _single_process_group() -> None:
@@ -295,6 +329,8 @@ def train_rank(job: Job, store: Store, rank: Rank) -> Trained:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
+    if config.deepspeed:
+        _sweep_dead_build_locks()
     if config.deepspeed and rank.world == 1:
         _single_process_group()
     if torch.cuda.is_available():

@@ -18,7 +18,8 @@ PLAN_SCHEMA = 2  # bump when plan.json / job.json change shape; older stores are
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: a number field takes no "inf", "nan" or "1e400" (YAML reads those as strings)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- model references ---------------------------------------------------------------------------------
@@ -235,7 +236,9 @@ class Resources(_Frozen):
 
     num_cpus: float = Field(1, ge=0, description="CPUs per worker; also the job's torch thread count")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker; a fraction shares a GPU, capped to its share")
-    memory_gb: float | None = Field(None, gt=0, description="host memory per worker that Ray reserves")
+    memory_gb: float | None = Field(
+        None, gt=0, description="host memory per worker: Ray reserves it, the job's process is held to it"
+    )
     accelerator_memory_gb: float | Literal["auto"] | None = Field(
         None, description="accelerator memory the job needs per worker; 'auto': estimated from the model"
     )

@@ -91,7 +91,7 @@ def check_adapters(configs: Sequence[Mapping[str, Any]], space: str, names: Sequ
 class MergeSettings(BaseModel):
     """A merge's method and how to apply it; `parameters` holds the resolved parameters after validation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: str = Field(description="a registered merge method (`pefteval methods merge` lists them)")
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
@@ -128,8 +128,20 @@ def _check_sum(method: str, weights: Sequence[float], where: str) -> None:
         raise at(where, f"merge method {method!r} normalises the weights, and these sum to 0")
 
 
+def _safetensors_folder(path: str, info: ValidationInfo) -> str:
+    """A folder the engine reads, resolved; one with only pickle weights is refused now, naming it."""
+    from pefteval_harness.trust import refuse_pickles
+
+    folder = resolve_path(path, info)
+    try:
+        refuse_pickles(folder)
+    except BadInput as e:
+        raise ValueError(str(e)) from None
+    return str(folder)
+
+
 class ExpertEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     path: str = Field(min_length=1, description="a HF model folder or a peft LoRA adapter folder")
     weight: Number = Field(1.0, description="the expert's weight")
@@ -137,7 +149,7 @@ class ExpertEntry(BaseModel):
     @field_validator("path")
     @classmethod
     def _path(cls, path: str, info: ValidationInfo) -> str:
-        return str(resolve_path(path, info))
+        return _safetensors_folder(path, info)
 
 
 class MergeRecipe(MergeSettings):
@@ -152,7 +164,7 @@ class MergeRecipe(MergeSettings):
     @field_validator("base_model")
     @classmethod
     def _base(cls, path: str | None, info: ValidationInfo) -> str | None:
-        return None if path is None else str(resolve_path(path, info))
+        return None if path is None else _safetensors_folder(path, info)
 
     @model_validator(mode="after")
     def _weights(self) -> MergeRecipe:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pefteval_harness.errors import BadInput
+from pefteval_harness.trust import refuse_pickles
 
 if TYPE_CHECKING:
     import torch
@@ -72,11 +73,7 @@ class SafetensorsReader:
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise BadInput(f"{index}: not a safetensors index ({e})") from None
         else:
-            pickles = sorted(p.name for p in self.folder.glob("*.bin"))
-            if pickles:
-                raise BadInput(
-                    f"{self.folder}: {pickles[0]} is a pickle file; only safetensors are loaded, never pickles"
-                )
+            refuse_pickles(self.folder)
             raise BadInput(f"{self.folder}: no {single.name} or {index.name}")
         from safetensors import safe_open
 

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pefteval_harness.errors import BadInput
+from pefteval_harness.errors import BadInput, failure_classes_legend
 from pefteval_harness.report import affective, merge_scaling
 from pefteval_harness.report.plots import PLOTS_FOLDER, plots, write_plots
 from pefteval_harness.report.records import (
@@ -44,7 +44,7 @@ from pefteval_harness.report.records import (
     score_records,
     theory_records,
 )
-from pefteval_harness.store import DONE, FAILED, Store
+from pefteval_harness.store import DONE, FAILED, PLAN, RUNS, Store
 
 FORMATS = ("markdown", "csv", "json")
 # Above this many tasks the first table shows group aggregates, and each family's tasks get their own table.
@@ -108,7 +108,7 @@ def _plain_lm_eval_results(store: Store) -> list[tuple[str, dict]]:
     looked into), by their path below the root."""
     found = []
     for rel in store.find(".json", skip="jobs"):
-        if rel in ("plan.json", "leaderboard.json"):
+        if rel in (PLAN, "leaderboard.json") or (rel.startswith(f"{RUNS}/") and rel.endswith(f"/{PLAN}")):
             continue
         try:
             data = store.read_json(rel)
@@ -397,9 +397,13 @@ def failures_table(records: list[Record]) -> str:
     failures = [r for r in records if r.record == "failure"]
     if not failures:
         return ""
-    rows = [[r.entry, r.task or "-", r.job_id, r.error_class or "-", r.error] for r in failures]
+    # The log's path is relative to the store's root, where leaderboard.md is: a link that works there.
+    rows = [[r.entry, r.task or "-", r.job_id, r.error_class or "-", r.error, f"[log]({r.log})" if r.log else "-"]
+            for r in failures]  # fmt: skip
     heading = f"\n## Failures\n\nFailed jobs: {len(failures)}.\n\n"
-    return heading + _table(rows, ["model", "task", "job id", "class", "reason"])
+    legend = failure_classes_legend(r.error_class for r in failures)  # empty for classes older stores wrote
+    table = _table(rows, ["model", "task", "job id", "class", "reason", "log"])
+    return heading + table + (f"\n{legend}\n" if legend else "")
 
 
 def plot_links(records: list[Record]) -> str:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefteval_harness.report.records import MEAN_GAP, Record, entry_label, headline, number
+from pefteval_harness.store import write_atomic_bytes
 
 PLOTS_FOLDER = "plots"
 DATA_FRACTION = "train.data_fraction"  # the sweep field of the data-fraction plot
@@ -181,16 +180,8 @@ def draw(plot: Plot) -> bytes:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the plots from others who read the results folder
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers see the old file or the new one, never a torn one; its mode follows the user's umask."""
+    write_atomic_bytes(path, data)
 
 
 def write_plots(records: list[Record], folder: str | Path) -> list[Path]:

@@ -109,6 +109,7 @@ class Record:
     strategy: str | None = None  # the prompting strategy's name (None: the task's own prompt, no strategy axis)
     affect: str | None = None  # score records: the task's metadata.affect (understanding / generation)
     form: str | None = None  # score records: the task's metadata.form (loglikelihood / generative)
+    log: str | None = None  # failure records: the job's full log, relative to the store (jobs/<id>/log.txt)
 
     @property
     def entry(self) -> str:
@@ -289,6 +290,7 @@ def failure_record(model: Model, job_id: str, status: dict, task: str | None = N
         job_id=job_id,
         error=status.get("reason") or f"state {status.get('state')}",
         error_class=status.get("error_class", "error"),
+        log=status.get("log"),
     )
 
 

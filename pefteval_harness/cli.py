@@ -64,6 +64,7 @@ def _run(args) -> int:
     if args.num_cpus is not None and args.num_cpus < 1:  # a Ray with no CPU would run nothing, forever
         raise BadInput(f"--num-cpus: {args.num_cpus} is not a positive whole number")
     spec, plan = _load(args.spec)
+    spec_text = Path(args.spec).read_text()  # now: joining a cluster in a `ray job` may change the working folder
     output = args.output or spec.output or str(Path("runs") / spec.name)
     # A local path is made absolute: Ray workers (on other nodes, or in `ray job submit`'s working-dir copy)
     # write there too. A store URL (s3://, gs://, file://) is the same everywhere as it is.
@@ -90,7 +91,7 @@ def _run(args) -> int:
         scheduling.check_feasible(pending, spec.resources.gpu_memory_gb, num_cpus=args.num_cpus)
     # Every run keeps its own spec and plan (runs/<run id>/: several runs may share a store); the latest
     # is also at the top, what `pefteval status` and the leaderboard read.
-    run_id, spec_text, plan_json = new_run_id(), Path(args.spec).read_text(), plan.to_json()
+    run_id, plan_json = new_run_id(), plan.to_json()
     for folder in (f"{RUNS}/{run_id}/", ""):
         store.write_text(f"{folder}spec.yaml", spec_text)
         store.write_json(f"{folder}{PLAN}", plan_json)

@@ -115,15 +115,16 @@ def _join(address: str, given: str, verbose: bool) -> None:
     try:
         import ray
 
+        host_port = _answering(address, given)  # checked even when this process is connected already
         if not ray.is_initialized():
-            _connect(address, given, verbose)
+            _connect(address, host_port, given, verbose)
     finally:
         for name in added:
             os.environ.pop(name, None)
 
 
-def _connect(address: str, given: str, verbose: bool) -> None:
-    import ray
+def _answering(address: str, given: str) -> str:
+    """The host:port Ray would connect to for `address`, once something listens there; BadInput otherwise."""
     from ray._common.utils import get_ray_address_file
     from ray._private import services
 
@@ -140,6 +141,12 @@ def _connect(address: str, given: str, verbose: bool) -> None:
     except (OSError, ValueError) as e:
         why = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise BadInput(f"{given}: no Ray cluster answers at {host_port} ({why})") from None
+    return host_port
+
+
+def _connect(address: str, host_port: str, given: str, verbose: bool) -> None:
+    import ray
+
     try:
         with _callers_sigterm_handler():
             ray.init(address=address, log_to_driver=verbose)

@@ -1,14 +1,13 @@
-"""How runs execute: dry runs, retries by failure class, one failing task, two runs sharing a folder."""
+"""How runs execute: dry runs, retries by failure class, one failing task (two runs sharing a folder, and a leftover
+Ray: tests/test_chaos.py, tests/test_signals.py)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 
 import pytest
 
-from tests.conftest import PEFTEVAL
 from tests.test_pipeline import leaderboard_rows, pefteval
 
 pytestmark = pytest.mark.slow
@@ -123,42 +122,3 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, task_folder):
     assert dry.returncode == 0, dry.stderr
     assert "2 of 2 jobs to run" in dry.stdout and "t_fine" in dry.stdout
     assert not out.exists()
-
-
-def test_two_runs_sharing_a_folder_never_run_a_job_twice(tmp_path, task_folder):
-    folder, _ = task_folder
-    spec = write_spec(tmp_path, "[t_fine, t_flaky]", folder)
-    out = tmp_path / "out"
-    runs = [
-        subprocess.Popen(
-            [*PEFTEVAL, "run", str(spec), "--output", str(out)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [run.communicate(timeout=600) for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
-    ran = [int(stdout.split(" jobs ran")[0].rsplit("\n", 1)[-1]) for stdout, _ in outputs]
-    assert sum(ran) == 3  # base + two evaluations, each run by exactly one of the two runs
-    assert not list(out.glob("jobs/*/claim"))  # every claim released
-
-
-def test_a_plain_run_never_joins_a_leftover_ray(tmp_path, task_folder):
-    """A `ray start` that was killed leaves its address file behind; `ray.init()` would join that dead
-    cluster and retry forever. A plain run must start its own Ray instead."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    folder, _ = task_folder
-    ray_tmp = Path(tempfile.mkdtemp(prefix="pr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    try:
-        (ray_tmp / "ray").mkdir()
-        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
-        spec = write_spec(tmp_path, "[t_fine]", folder)
-        env = {"RAY_TMPDIR": str(ray_tmp)}
-        run = pefteval("run", spec, "--output", tmp_path / "out", timeout=300, env_extra=env)
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 jobs ran" in run.stdout

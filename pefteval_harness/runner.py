@@ -44,13 +44,7 @@ log = logging.getLogger(__name__)
 
 # Local Ray stays on loopback: Ray otherwise binds the machine's network address, and token
 # authentication (on by default in Ray 2.60) is pointless for a Ray only this process uses.
-# Nor does it export metrics (there is no dashboard to read them): Ray 2.60's OpenTelemetry metrics thread
-# was seen to segfault a driver at start-up here.
-LOOPBACK_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_enable_metrics_collection": "0",
-}
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 POLL_SECONDS = 2.0  # how often the driver looks at jobs another run is doing
 # Joining a cluster fails within this, naming the address: a TCP probe of it first (PROBE_SECONDS), then one
 # connection attempt of Ray's of about 20 s (5 s for the GCS channel, 5 for its pubsub, JOIN_ENV's 10 for an

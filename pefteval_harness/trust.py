@@ -64,9 +64,14 @@ def check_model_code(folder: Path, trusted: bool, where: str) -> None:
         )
 
 
+def has_safetensors(folder: Path) -> bool:
+    """Whether a folder holds safetensors weights (a single file or an index of shards)."""
+    return folder.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")))
+
+
 def pickle_weights(folder: Path) -> list[str]:
     """The pickle weight files of a folder that has no safetensors (empty when it has safetensors)."""
-    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+    if not folder.is_dir() or has_safetensors(folder):
         return []
     return sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
 

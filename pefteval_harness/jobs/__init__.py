@@ -44,8 +44,9 @@ def prefer_safetensors(folder: str) -> dict[str, Any]:
     """Load weights from safetensors when a local folder has them, never from its pickles."""
     from pathlib import Path
 
-    path = Path(folder)
-    if path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))):
+    from pefteval_harness.trust import has_safetensors
+
+    if has_safetensors(Path(folder)):
         return {"use_safetensors": True}
     return {}
 

@@ -17,17 +17,15 @@ tests/test_signals.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import stat
-import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO
+from bench import chaos  # the bench's run, kill and store-check helpers
 from tests.test_pipeline import pefteval_here
 
 pytestmark = pytest.mark.slow
@@ -49,17 +47,6 @@ evaluate:
   limit: 8
 """
 JOBS = 1 + 1 + 2 * 2  # the base, the fine-tune, two evaluations of each
-
-
-def _load_bench():
-    """bench/chaos.py (not a package): its run, kill and store-check helpers."""
-    spec = importlib.util.spec_from_file_location("chaos_bench", REPO / "bench" / "chaos.py")
-    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
-    spec.loader.exec_module(module)
-    return module
-
-
-chaos = _load_bench()
 
 
 def _written(out) -> dict[str, tuple[int, int]]:

@@ -20,11 +20,11 @@ from pefteval_harness.secrets import redact, redact_handler
 log = logging.getLogger(__name__)
 
 
-def _load(spec_path: str):
+def _load(spec_path: str, text: str | None = None):
     from pefteval_harness.plan import build_plan
     from pefteval_harness.spec import load_spec
 
-    spec, path = load_spec(spec_path)
+    spec, path = load_spec(spec_path, text)
     try:
         return spec, build_plan(spec)
     except BadInput as e:
@@ -57,14 +57,16 @@ def cmd_run(args) -> int:
 
 def _run(args) -> int:
     from pefteval_harness import runner, scheduling, trust
+    from pefteval_harness.config_io import read_text
     from pefteval_harness.progress import LiveDisplay
     from pefteval_harness.report.leaderboard import write_reports
     from pefteval_harness.store import PLAN, RUNS, Store, is_url, new_run_id
 
     if args.num_cpus is not None and args.num_cpus < 1:  # a Ray with no CPU would run nothing, forever
         raise BadInput(f"--num-cpus: {args.num_cpus} is not a positive whole number")
-    spec, plan = _load(args.spec)
-    spec_text = Path(args.spec).read_text()  # now: joining a cluster in a `ray job` may change the working folder
+    # Read once, now: it is kept in the store, and joining a cluster in a `ray job` may change the working folder.
+    spec_text = read_text(Path(args.spec), "spec")
+    spec, plan = _load(args.spec, spec_text)
     output = args.output or spec.output or str(Path("runs") / spec.name)
     # A local path is made absolute: Ray workers (on other nodes, or in `ray job submit`'s working-dir copy)
     # write there too. A store URL (s3://, gs://, file://) is the same everywhere as it is.
@@ -76,6 +78,7 @@ def _run(args) -> int:
         if not existing.is_dir():
             raise BadInput(f"--output {output}: {existing} is not a folder")
     store.plan()  # refuses a results folder another pefteval version wrote
+    store.remove_stale_temporaries()  # of a run killed while it wrote its reports
     output = store.url
     pending = [job for job in plan.jobs if not store.is_done(job.id)]
     for line in trust.notes(plan):  # what the run trusts beyond pefteval's code, said before it starts
@@ -177,10 +180,13 @@ def cmd_data(args) -> int:
     """`data export`: the datasets the selected tasks read, from the hub, as PEFTEVAL_DATA_DIR files."""
     from pefteval_harness.tasks import UnsupportedGroup, resolve_tasks
     from pefteval_harness.tasks.data import DATA_DIR_ENV, export, task_data_specs
+    from pefteval_harness.trust import task_code_notes
 
     for folder in args.include_path:
         if not Path(folder).is_dir():
             raise BadInput(f"--include-path: {folder} is not a folder")
+    for line in task_code_notes(args.include_path):  # building the tasks below runs it
+        print(line, flush=True)
     try:
         selection = resolve_tasks(args.tasks, include_paths=args.include_path)
     except KeyError as e:

@@ -134,12 +134,8 @@ def _non_finite(value: Any, loc: tuple = (), seen: set[int] | None = None) -> tu
     return next((found for k, v in items if (found := _non_finite(v, (*loc, k), seen)) is not None), None)
 
 
-def load_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping; BadInput naming the file (and line) otherwise.
-
-    Refused besides invalid YAML: a file that is not a readable UTF-8 text file, what `_StrictLoader`
-    refuses, more than `MAX_EXPANDED_VALUES` values once aliases are expanded (or an alias cycle), and a
-    number that is not finite."""
+def read_text(path: Path, what: str) -> str:
+    """A config file's text; BadInput naming the file unless it is a readable UTF-8 regular file."""
     if path.is_dir():
         raise BadInput(f"{path}: is a folder, not a {what} file")
     if not path.is_file():  # also a FIFO or a device: reading one could wait forever
@@ -152,6 +148,18 @@ def load_mapping(path: Path, what: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         kind = "a binary file" if b"\0" in data else f"byte {e.start}: {e.reason}"
         raise BadInput(f"{path}: not a UTF-8 text file ({kind})") from None
+    return text
+
+
+def load_mapping(path: Path, what: str, text: str | None = None) -> dict[str, Any]:
+    """A YAML file (its `text` if already read) whose top level is a mapping; BadInput naming the file (and
+    line) otherwise.
+
+    Refused besides invalid YAML: a file that is not a readable UTF-8 text file, what `_StrictLoader`
+    refuses, more than `MAX_EXPANDED_VALUES` values once aliases are expanded (or an alias cycle), and a
+    number that is not finite."""
+    if text is None:
+        text = read_text(path, what)
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except _Refused as e:

@@ -70,6 +70,10 @@ _DISK_ERRNOS = (errno.ENOSPC, errno.EFBIG)
 _DISK_MESSAGES = tuple(os.strerror(code) for code in _DISK_ERRNOS)
 
 
+# transformers refusing a model's own code (trust_remote_code off): only a changed spec can help.
+_BAD_INPUT_MESSAGES = ("trust_remote_code=True",)
+
+
 def failure_class(error: BaseException) -> str:
     """The class of a job's exception: its own type, or the error it was raised from or while handling."""
     seen: set[int] = set()
@@ -78,6 +82,8 @@ def failure_class(error: BaseException) -> str:
         if isinstance(error, BadInput):
             return "bad_input"
         text = str(error)
+        if isinstance(error, ValueError) and any(m in text for m in _BAD_INPUT_MESSAGES):
+            return "bad_input"
         if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
             return "out_of_memory"
         if isinstance(error, RuntimeError) and any(m in text for m in _MEMORY_MESSAGES):

@@ -205,7 +205,27 @@ def _model_reference(spec: Spec, plan: Plan, name: str, where: str) -> tuple[Mod
         return LocalRef(path=name, fingerprint=hashlib.sha256(repr(stats).encode()).hexdigest()[:16]), []
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise BadInput(f"{where}: no such model folder {name!r} (and not a hub id like org/name)")
-    return HubRef(repo=name, revision=_hub_revision(name, where)), []
+    revision = _hub_revision(name, where)
+    check_model_code(_hub_config_folder(name, revision), spec.trust_remote_code, where, name=name)
+    return HubRef(repo=name, revision=revision), []
+
+
+def _hub_config_folder(repo: str, revision: str) -> Path | None:
+    """The local snapshot folder of the repo's config files (config.json, tokenizer_config.json), fetched
+    into the HF cache when online; None when neither can be had (the loader then reports what is missing)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    folder = None
+    for filename in ("config.json", "tokenizer_config.json"):
+        cached = try_to_load_from_cache(repo, filename, revision=revision)
+        if not isinstance(cached, str) and os.environ.get("HF_HUB_OFFLINE") != "1":
+            try:
+                cached = hf_hub_download(repo, filename, revision=revision)
+            except Exception:  # not in this repo, or unreachable: nothing of it to check
+                continue
+        if isinstance(cached, str):
+            folder = Path(cached).parent
+    return folder
 
 
 def _hub_revision(repo: str, where: str = "base_model") -> str:

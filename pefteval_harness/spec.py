@@ -443,9 +443,10 @@ class Spec(_Frozen):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def load_spec(path: str | Path) -> tuple[Spec, Path]:
-    """Read and validate a spec file; any problem is a one-line BadInput naming the file and key path."""
+def load_spec(path: str | Path, text: str | None = None) -> tuple[Spec, Path]:
+    """Read (unless its `text` is given) and validate a spec file; any problem is a one-line BadInput naming
+    the file and key path."""
     path = Path(path)
-    raw = load_mapping(path, "spec")
+    raw = load_mapping(path, "spec", text)
     spec = validate(Spec, raw, path, context={"root": path.resolve().parent})
     return (spec if spec.name else spec.model_copy(update={"name": path.stem})), path

@@ -27,6 +27,10 @@ from typing import Any
 DONE, FAILED = "done", "failed"
 # A claim whose holder stopped refreshing it this long ago is stale: that run died, another may take over.
 CLAIM_STALE_SECONDS = 120.0
+# A file being written is renamed into place within seconds; a temporary one older than this was left by a
+# writer that was killed (another run's write under way is younger).
+STALE_TEMPORARY_SECONDS = 600.0
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}$")  # `write_atomic_bytes`': "." + the name + mkstemp's 8 characters
 CACHE_ENV = "PEFTEVAL_CACHE"  # where a remote store's artifacts are cached on each node
 PLAN, MANIFEST = "plan.json", "artifact.json"
 RUNS = "runs"  # runs/<run id>/plan.json and spec.yaml: every run's own
@@ -133,13 +137,25 @@ def is_url(root: str | Path) -> bool:
     return isinstance(root, str) and bool(_URL.search(root))
 
 
+def _process_start(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, from /proc; None where there is none): with its pid,
+    it names one process, even after the pid is given to another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])  # field 22; the command name in (...) may hold spaces
+
+
 def _claim_record(owner: str) -> bytes:
-    record = {"owner": owner, "host": _HOST, "pid": os.getpid(), "pid_ns": _PID_NS, "time": time.time()}
-    return json.dumps(record).encode()
+    pid = os.getpid()
+    record = {"owner": owner, "host": _HOST, "pid": pid, "pid_ns": _PID_NS, "started": _process_start(pid)}
+    return json.dumps({**record, "time": time.time()}).encode()
 
 
 def _holder_died_here(record: dict) -> bool:
-    """The claim's holder ran on this host (same pid namespace) and its process is gone: its run died."""
+    """The claim's holder ran on this host (same pid namespace) and its process is gone: its run died. A
+    process with its pid but another start time took the pid over after the holder died."""
     pid = record.get("pid")
     if record.get("host") != _HOST or record.get("pid_ns") != _PID_NS or not isinstance(pid, int) or pid <= 0:
         return False
@@ -148,8 +164,9 @@ def _holder_died_here(record: dict) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, another user's
-        return False
-    return False
+        pass
+    started = record.get("started")
+    return started is not None and _process_start(pid) not in (None, started)
 
 
 class Store:
@@ -284,6 +301,19 @@ class Store:
             self.write_json(f"{job_dir}/result.json", result)
         self.write_json(f"{job_dir}/status.json", {"state": state, **status})
         self.remove_leftovers(job["id"])
+
+    def remove_stale_temporaries(self, folders: tuple[str, ...] = ("", "plots")) -> None:
+        """Delete the temporary files that writers killed while writing the run's own files (the plan, the
+        reports, the plots) left there, once older than STALE_TEMPORARY_SECONDS. A job's folder is its
+        holder's to clean (`remove_leftovers`)."""
+        cutoff = time.time() - STALE_TEMPORARY_SECONDS
+        for folder in folders:
+            for entry in (self.root / folder).glob(".*"):
+                try:
+                    if _TEMPORARY.match(entry.name) and entry.is_file() and entry.stat().st_mtime < cutoff:
+                        entry.unlink()
+                except FileNotFoundError:  # renamed or removed meanwhile
+                    pass
 
     def remove_leftovers(self, job_id: str) -> None:
         """Delete what killed attempts of the job left in its folder: temporary files and staging folders
@@ -519,6 +549,20 @@ class RemoteStore(Store):
         for name in self.listdir(f"jobs/{job_id}"):
             if name.endswith(_TMP_SUFFIX):
                 self.delete(f"jobs/{job_id}/{name}")
+
+    def remove_stale_temporaries(self, folders: tuple[str, ...] = ("", "plots")) -> None:
+        if self.object_store:  # a put leaves nothing behind
+            return
+        cutoff = time.time() - STALE_TEMPORARY_SECONDS
+        for folder in folders:
+            for name in self.listdir(folder):
+                rel = f"{folder}/{name}" if folder else name
+                try:
+                    stale = name.endswith(_TMP_SUFFIX) and self.fs.modified(self._abs(rel)).timestamp() < cutoff
+                except (FileNotFoundError, NotImplementedError):  # gone meanwhile; no times on this filesystem
+                    continue
+                if stale:
+                    self.delete(rel)
 
     def is_folder(self, rel: str = "") -> bool:  # on an object store: a prefix with objects below it
         return self.fs.isdir(self._abs(rel))

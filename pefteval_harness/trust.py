@@ -1,6 +1,6 @@
 """The trust rules: what a run may execute or unpickle besides pefteval's own code, checked before it starts.
 
-- Model code: a model folder that ships its own code (`auto_map` in its config.json or
+- Model code: a model folder or hub model that ships its own code (`auto_map` in its config.json or
   tokenizer_config.json) is refused at plan time unless the spec sets `trust_remote_code: true`; every
   loader (lm-eval's HFLM, training, the judge, the analysis) gets the spec's flag and nothing else, so
   transformers refuses such code too. With the flag on, the run says which models it trusts.
@@ -54,12 +54,13 @@ def shipped_code(folder: Path) -> list[str]:
     return modules
 
 
-def check_model_code(folder: Path, trusted: bool, where: str) -> None:
-    """BadInput when a model folder ships code (see `shipped_code`) and the spec does not trust it."""
-    modules = shipped_code(folder)
+def check_model_code(folder: Path | None, trusted: bool, where: str, name: str | None = None) -> None:
+    """BadInput when a model folder (a hub model's: its cached config files, `name` its repo id) ships code
+    (see `shipped_code`) and the spec does not trust it."""
+    modules = shipped_code(folder) if folder else []
     if modules and not trusted:
         raise BadInput(
-            f"{where}: {folder} ships its own code ({', '.join(modules)}, named by auto_map); pefteval runs it"
+            f"{where}: {name or folder} ships its own code ({', '.join(modules)}, named by auto_map); pefteval runs it"
             " only when the spec sets trust_remote_code: true"
         )
 
@@ -94,11 +95,21 @@ def check_unsafe_code(task: str, config: dict[str, Any], settings: EvaluateSetti
         )
 
 
+def task_code_notes(include_paths) -> list[str]:
+    """The task files under these folders that run code when their task is built, listed (none: no line)."""
+    from pefteval_harness.tasks.code_hooks import task_code
+
+    found = [entry for folder in include_paths for entry in task_code(Path(folder))]
+    if not found:
+        return []
+    lines = [f"trust: {len(found)} task file(s) under include_paths run code when their task is built:"]
+    return lines + [f"  {path}: {'; '.join(what)}" for path, what in found]
+
+
 def notes(plan: Plan) -> list[str]:
     """One line per thing the run trusts beyond pefteval's own code: models whose code may run, task files
     under include_paths that run code, tasks that execute model-written code."""
     from pefteval_harness.code_execution import DEFAULT_TIMEOUT
-    from pefteval_harness.tasks.code_hooks import task_code
 
     spec = plan.spec
     lines = []
@@ -106,10 +117,7 @@ def notes(plan: Plan) -> list[str]:
         models = [spec.base_model] + ([spec.evaluate.judge.model] if spec.evaluate.judge else [])
         for model in dict.fromkeys(models):
             lines.append(f"trust: remote code is trusted for {model} (trust_remote_code: true): code it ships may run")
-    found = [entry for folder in spec.include_paths for entry in task_code(Path(folder))]
-    if found:
-        lines.append(f"trust: {len(found)} task file(s) under include_paths run code when their task is built:")
-        lines += [f"  {path}: {'; '.join(what)}" for path, what in found]
+    lines += task_code_notes(spec.include_paths)
     confirmed = {
         job.config.task
         for job in plan.jobs

@@ -51,6 +51,33 @@ def test_a_killed_attempts_leftovers_go_when_the_job_is_staged_again_or_recorded
     assert sorted(p.name for p in folder.iterdir()) == kept
 
 
+@pytest.mark.parametrize("kind", ["local", "file-url"])
+def test_stale_temporaries_of_the_run_files_go_and_young_ones_and_others_stay(kind, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from pefteval_harness.store import CACHE_ENV, STALE_TEMPORARY_SECONDS
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    store = Store(tmp_path / "run") if kind == "local" else Store(f"file://{tmp_path}/run")
+    store.write_text("leaderboard.md", "| model |")
+    names = (
+        (".leaderboard.md.k1ll3d_x", "plots/.scaling.png.k1ll3d_y")
+        if kind == "local"
+        else ("leaderboard.md.0123abcd.tmp", "plots/scaling.png.0123abcd.tmp")
+    )
+    killed, young, other = tmp_path / "run" / names[0], tmp_path / "run" / names[1], tmp_path / "run" / ".gitignore"
+    for path in (killed, young, other):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("x")
+    old = time.time() - STALE_TEMPORARY_SECONDS - 60
+    os.utime(killed, (old, old))  # a killed writer's, long ago
+    os.utime(other, (old, old))  # not a temporary file of ours
+    store.remove_stale_temporaries()
+    assert not killed.exists() and young.exists() and other.exists()
+    assert store.read_text("leaderboard.md") == "| model |"
+
+
 def test_status_is_the_commit_point(tmp_path):
     store = Store(tmp_path)
     job = {"id": "evaluate-1", "kind": "evaluate", "label": "base", "config": {}}

@@ -132,7 +132,7 @@ def _dead_pid() -> int:
 
 
 @pytest.mark.parametrize("kind", ["local", "remote"])
-def test_a_claim_of_a_dead_process_on_this_host_is_stale_at_once(kind, tmp_path, monkeypatch):
+def test_a_claim_of_a_dead_or_reused_pid_on_this_host_is_stale_at_once(kind, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     store = Store(tmp_path / "run") if kind == "local" else Store(f"file://{tmp_path}/run")
     mine = {"host": store_module._HOST, "pid_ns": store_module._PID_NS, "time": time.time()}
@@ -141,6 +141,13 @@ def test_a_claim_of_a_dead_process_on_this_host_is_stale_at_once(kind, tmp_path,
     store.write_json("jobs/train-1/claim", {**mine, "owner": "driver-killed", "pid": _dead_pid()})
     assert not store.claim_is_live("train-1")  # fresh, but its process is gone: no 120 s wait
     assert store.claim("train-1", "run-b") and store.claim_holder("train-1") == "run-b"
+    # Its pid given to another process since (this one, started at another time): dead as well.
+    started = store_module._process_start(os.getpid())
+    reused = {**mine, "owner": "driver-killed", "pid": os.getpid(), "started": started - 1}
+    store.write_json("jobs/train-1/claim", reused)
+    assert not store.claim_is_live("train-1")
+    store.write_json("jobs/train-1/claim", {**reused, "started": started})
+    assert store.claim_is_live("train-1")
     # The same pid on another host (or in another pid namespace) says nothing: judged by age only.
     store.write_json("jobs/train-1/claim", {**mine, "owner": "x", "pid": _dead_pid(), "pid_ns": "pid:[1]"})
     assert store.claim_is_live("train-1")

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pefteval_harness.cli import main
+from pefteval_harness.errors import failure_class
 from tests.conftest import REPO
 
 EVALUATE = {"tasks": ["pefteval_quick_sentiment"], "limit": 2}
@@ -91,9 +92,26 @@ def test_a_model_that_ships_code_is_refused_unless_the_spec_trusts_it(tmp_path, 
     assert lm_eval_model_args(job, None)["trust_remote_code"] is True
     # A job whose flag is off (the plan refuses it; this is the loader's own guard) does not run the code.
     off = job.model_copy(update={"config": job.config.model_copy(update={"trust_remote_code": False})})
-    with pytest.raises(ValueError, match="trust_remote_code=True"):
+    with pytest.raises(ValueError, match="trust_remote_code=True") as refused:
         load_lm(**lm_eval_model_args(off, None), device="cpu")
     assert not marker.exists()
+    assert failure_class(refused.value) == "bad_input"  # a job refused so is not retried
+
+
+def test_a_hub_model_that_ships_code_is_refused_at_plan_time(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """As a local folder is: its config files, from the HF cache (here one we fill), are read before the run."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "hub" / "models--someone--coded" / "snapshots" / ("0" * 40)
+    _model_with_code(tiny_model_dir, snapshot, tmp_path / "code_ran")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _refused(capsys, "plan", _spec(tmp_path, base_model="someone/coded"))
+    assert "base_model: someone/coded ships its own code (modeling_marker.py" in err
+    notes = _plan_notes(capsys, _spec(tmp_path, base_model="someone/coded", trust_remote_code=True))
+    assert notes == ["trust: remote code is trusted for someone/coded (trust_remote_code: true): code it ships may run"]
 
 
 @pytest.mark.slow  # a fresh interpreter (transformers keeps trusted code in its modules cache: a private one)
@@ -134,6 +152,10 @@ def test_task_files_that_run_code_are_listed_before_the_run_and_not_imported(tmp
     assert main(["run", str(spec), "--output", str(tmp_path / "out"), "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[:2] == expected  # said before the run
     assert not marker.exists()
+    # `data export` builds the tasks it is given: it says so first as well (the plain one reads no pefteval data).
+    args = ["data", "export", "--include-path", str(tasks), "--tasks", "my_plain_task", "--out", str(tmp_path / "d")]
+    assert main(args) == 2
+    assert capsys.readouterr().out.splitlines() == expected
 
 
 # ------------------------------------------------------------------------------------- model-written code

@@ -3,7 +3,7 @@
 - a node killed while it trains a job: Ray runs the job again elsewhere and the run finishes, all done;
 - a 2-worker full fine-tune (a Ray Train gang, placement spread) under ZeRO-2 and ZeRO-3 has one rank on
   each node; its saved model is the one it digested (`weights_sha256`), equals one worker's training on
-  the same global batch (to 1e-5) and scores unlike the base;
+  the same global batch (to 1e-5) and differs from the base;
 - a store behind a `file://` URL, written by jobs on both nodes: each job's result records the node that
   ran it (provenance's `ray_node_id`), and they differ.
 
@@ -159,11 +159,6 @@ def test_a_node_killed_mid_run_leaves_no_job_undone(two_nodes, tiny_model_dir, t
     assert store.result(victim)["steps"] == 24
 
 
-def _score(store: Store, job_id: str) -> float:
-    (task,) = store.result(job_id)["results"].values()
-    return task["acc,none"]
-
-
 def test_a_gang_spreads_its_ranks_over_both_nodes(two_nodes, tiny_model_dir, tmp_path):
     gang = {"workers": 2, "placement": "spread"}
     plan, jobs = _plan(
@@ -171,12 +166,13 @@ def test_a_gang_spreads_its_ranks_over_both_nodes(two_nodes, tiny_model_dir, tmp
             "base_model": str(tiny_model_dir),
             "train": {"tasks": ["pefteval_quick_sentiment"], "max_steps": 6, "batch_size": 8, "learning_rate": 0.005},
             "finetunes": {
-                "zero2": {"method": "full", "deepspeed": {"zero_stage": 2}, "resources": gang},
-                "zero3": {"method": "full", "deepspeed": {"zero_stage": 3}, "resources": gang},
+                "zero2": {"method": "full", "deepspeed": {"zero_stage": 2}, "resources": gang, "evaluate": False},
+                "zero3": {"method": "full", "deepspeed": {"zero_stage": 3}, "resources": gang, "evaluate": False},
                 # The same fine-tune in one process, to compare the gangs with (same global batch).
                 "one_worker": {"method": "full", "deepspeed": {"zero_stage": 2}, "evaluate": False},
             },
-            "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 32, "batch_size": 8},
+            # No evaluations: what the gangs saved is compared with the one worker's weights and the base's.
+            "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 4, "include_base": False},
             # Two gangs of two 1-CPU ranks fill the two 2-CPU nodes: spread puts one rank of each per node.
             "resources": {"train": {"num_cpus": 1}, "max_retries": 0},
         }
@@ -184,7 +180,7 @@ def test_a_gang_spreads_its_ranks_over_both_nodes(two_nodes, tiny_model_dir, tmp
     store = Store(tmp_path / "store")
     summary = execute(plan, store, max_retries=0)
     assert not summary.failed, summary.failed
-    base = _score(store, jobs["evaluate", "base"].id)
+    base = full_weights(tiny_model_dir)
     alone = full_weights(store.artifact(jobs["train", "one_worker"].id))
     assert tensors_sha256(alone) == store.result(jobs["train", "one_worker"].id)["weights_sha256"]
     for label in ("zero2", "zero3"):
@@ -193,7 +189,7 @@ def test_a_gang_spreads_its_ranks_over_both_nodes(two_nodes, tiny_model_dir, tmp
         assert {w["node_id"] for w in result["per_worker"]} == _node_ids(two_nodes), (label, result["per_worker"])
         trained = full_weights(store.artifact(jobs["train", label].id))
         assert tensors_sha256(trained) == result["weights_sha256"]  # ZeRO-3: the partitions were gathered
-        assert _score(store, jobs["evaluate", label].id) != base, label
+        assert any(not torch.equal(trained[name], weight) for name, weight in base.items()), f"{label}: untrained"
         # Each rank takes half of each batch of 8 and the loss is averaged over both ranks' tokens: the
         # gang's step is the one process's, up to the order of float sums (seen: up to a few 1e-6 after
         # 6 steps at lr 5e-3, while training moves the weights by about 1e-2).

@@ -318,10 +318,13 @@ class Store:
     def remove_leftovers(self, job_id: str) -> None:
         """Delete what killed attempts of the job left in its folder: temporary files and staging folders
         (their names start with a dot; nothing else's does). Called by the job's holder only: as its
-        attempt starts building an artifact, and once it is recorded. A claim being taken over by another
-        run this instant (".claim.<random>") is not a leftover."""
+        attempt starts building an artifact, and once it is recorded. A claim being written by another run
+        this instant (".claim.<random>", younger than CLAIM_STALE_SECONDS) is not a leftover."""
         for entry in self.job_dir(job_id).glob(".*"):
-            if entry.name.startswith(".claim."):
+            if (
+                entry.name.startswith(".claim.")
+                and self._file_age(f"jobs/{job_id}/{entry.name}") <= CLAIM_STALE_SECONDS
+            ):
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -432,15 +435,22 @@ class Store:
         return _holder_died_here(record) or self._claim_age(job_id, record) > CLAIM_STALE_SECONDS
 
     def _create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Whole or not at all: the record is written under a temporary name, then hard-linked to `rel`,
+        which fails if `rel` exists. (Created empty, then written, a claim whose writer was killed in
+        between stayed unreadable, so "live", for CLAIM_STALE_SECONDS.)"""
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, umask_mode(0o644))
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return self.read_bytes(rel) == data  # not taken over while it was empty (see `claim`)
+        finally:
+            os.unlink(tmp)
+        return True
 
     def _file_age(self, rel: str) -> float:
         try:

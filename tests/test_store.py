@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 
 import pytest
 
-from pefteval_harness.store import DONE, FAILED, Store, read_json, umask_mode, write_atomic
+from pefteval_harness.store import CLAIM_STALE_SECONDS, DONE, FAILED, Store, read_json, umask_mode, write_atomic
 
 
 def test_write_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path):
@@ -38,7 +40,10 @@ def test_a_killed_attempts_leftovers_go_when_the_job_is_staged_again_or_recorded
         (folder / dead).mkdir(parents=True)
         (folder / dead / "model.safetensors").write_bytes(b"half")
     (folder / ".status.json.k1ll").write_text("{")  # a killed atomic write
-    (folder / ".claim.n0w").write_text("{}")  # another run taking the claim over this instant: not a leftover
+    (folder / ".claim.n0w").write_text("{}")  # another run writing its claim this instant: not a leftover
+    (folder / ".claim.k1ll").write_text("{}")  # ... unless old: a claim writer killed long ago
+    old = time.time() - CLAIM_STALE_SECONDS - 5
+    os.utime(folder / ".claim.k1ll", (old, old))
     with store.staging("train-1") as scratch:
         assert sorted(p.name for p in folder.iterdir()) == sorted([".claim.n0w", scratch.name])
         (scratch / "model.safetensors").write_bytes(b"whole")
@@ -53,9 +58,6 @@ def test_a_killed_attempts_leftovers_go_when_the_job_is_staged_again_or_recorded
 
 @pytest.mark.parametrize("kind", ["local", "file-url"])
 def test_stale_temporaries_of_the_run_files_go_and_young_ones_and_others_stay(kind, tmp_path, monkeypatch):
-    import os
-    import time
-
     from pefteval_harness.store import CACHE_ENV, STALE_TEMPORARY_SECONDS
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
@@ -90,9 +92,6 @@ def test_status_is_the_commit_point(tmp_path):
 
 
 def test_a_claim_is_exclusive_until_released_or_stale(tmp_path):
-    import os
-    import time
-
     from pefteval_harness import store as store_module
 
     store = Store(tmp_path)
@@ -111,6 +110,9 @@ def test_a_claim_is_exclusive_until_released_or_stale(tmp_path):
     assert store.claim("train-1", "run-c") and store.claim_holder("train-1") == "run-c"
     store.refresh_claims(["train-1"], "run-c")
     assert store.claim_is_live("train-1")
+    # A claim appears whole (written aside, then linked in place): no temporary file is left.
+    assert store.claim("train-2", "run-c") and not store.claim("train-2", "run-d")
+    assert sorted(p.name for p in store.job_dir("train-2").iterdir()) == ["claim"]
 
 
 def test_an_older_store_is_refused_with_a_clear_message(tmp_path):

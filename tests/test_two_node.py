@@ -56,7 +56,10 @@ def two_nodes():
     # Ray's temp folder (sessions, sockets, the "current cluster" address file) of this cluster only:
     # other Rays on the machine neither see it nor lose theirs when it goes.
     temp_dir = tempfile.mkdtemp(prefix="pefteval-ray-", dir="/tmp")  # short: Ray's socket paths
-    env = {"RAY_TMPDIR": temp_dir, "RAY_USAGE_STATS_ENABLED": "0"}
+    # A killed node is seen dead within about 2 s (Ray's default health checks take 15 s or more): until
+    # then the driver would count its CPUs as free.
+    health = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+    env = {"RAY_TMPDIR": temp_dir, "RAY_USAGE_STATS_ENABLED": "0", **health}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     cluster = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False})
@@ -96,8 +99,9 @@ def _ran_on(store: Store, job_id: str) -> str:
     return node
 
 
-def _running_train_label(node) -> str | None:
-    """The label of the train job a node's worker process is running (Ray titles it `ray::<task name>`)."""
+def _running_train(node) -> tuple[str, psutil.Process] | tuple[None, None]:
+    """The label of the train job a node's worker process is running (Ray titles it `ray::<task name>`),
+    and that process."""
     from ray._private import ray_constants
 
     raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
@@ -107,8 +111,14 @@ def _running_train_label(node) -> str | None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
             continue
         if title.startswith("ray::train:"):
-            return title.removeprefix("ray::train:").split(" (")[0]
-    return None
+            return title.removeprefix("ray::train:").split(" (")[0], proc
+    return None, None
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(node["Alive"] for node in ray.nodes())
 
 
 def test_a_node_killed_mid_run_leaves_no_job_undone(two_nodes, tiny_model_dir, tmp_path):
@@ -138,7 +148,7 @@ def test_a_node_killed_mid_run_leaves_no_job_undone(two_nodes, tiny_model_dir, t
     driver.start()
     victim, deadline = None, time.monotonic() + 180
     while victim is None and driver.is_alive() and time.monotonic() < deadline:
-        label = _running_train_label(worker)
+        label, process = _running_train(worker)
         job_id = trains.get(label)
         progress = store.progress(job_id) if job_id else None
         if progress and progress.get("phase") == "train" and not store.is_done(job_id):
@@ -147,6 +157,9 @@ def test_a_node_killed_mid_run_leaves_no_job_undone(two_nodes, tiny_model_dir, t
             time.sleep(0.1)
     assert victim, f"no train job seen training on the worker node: {outcome}"
     killed = worker.node_id
+    # The whole node goes at once, its worker too: left to notice its raylet's death, the worker could
+    # still finish the job on the dead node.
+    process.kill()
     two_nodes.remove_node(worker, allow_graceful=False)
     assert not store.is_done(victim)
     two_nodes.add_node(**NODE)  # a replacement, so that the next tests have two nodes again
@@ -157,6 +170,10 @@ def test_a_node_killed_mid_run_leaves_no_job_undone(two_nodes, tiny_model_dir, t
     assert not summary.failed and set(summary.ran) == {j.id for j in plan.jobs}, summary
     assert _ran_on(store, victim) != killed  # run again on a live node
     assert store.result(victim)["steps"] == 24
+    deadline = time.monotonic() + 30  # the next tests count on Ray seeing two live nodes, the dead one gone
+    while _alive_nodes() != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _alive_nodes() == 2
 
 
 def test_a_gang_spreads_its_ranks_over_both_nodes(two_nodes, tiny_model_dir, tmp_path):

@@ -55,9 +55,10 @@ POLL_SECONDS = 2.0  # how often the driver looks at jobs another run is doing
 JOIN_TIMEOUT_SECONDS = 30
 PROBE_SECONDS = 5.0
 JOIN_ENV = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_s": "10"}
-# Evaluation batches one worker process runs before Ray replaces it (bounds what a long run accumulates).
-EVALUATIONS_PER_WORKER = 16
-EVALUATION_WORKERS = {"env_vars": {"PEFTEVAL_WORKER": "evaluation"}}  # a worker pool of their own
+# Tasks (jobs, or batches of evaluations) a shared worker process runs before Ray replaces it: bounds
+# what a long run's workers accumulate.
+JOBS_PER_WORKER = 16
+SHARED_WORKERS = {"env_vars": {"PEFTEVAL_WORKER": "shared"}}  # a worker pool of their own
 CANCEL_WAIT_SECONDS = 10.0  # a stopped run waits this long at most for its cancelled tasks to end
 
 
@@ -309,16 +310,15 @@ def execute(
 
     estimate = estimate or scheduling.estimate_seconds
     task = task or run_batch
-    # A fresh worker process per training, merge or analysis: training sets process-wide state
-    # (torch.distributed, DeepSpeed environment), and the peak memory a job records is then its own.
-    # Evaluation batches reuse their workers (a new one costs seconds of imports and lm-eval set-up per
-    # batch); their own runtime env keeps Ray from handing such a worker to a job that needs a fresh one.
+    # Jobs reuse their worker process (a new one costs seconds of imports and set-up per job), except those
+    # that set process-wide state: DeepSpeed (torch.distributed, its environment) and gang coordinators
+    # (Ray Train). The shared workers' own runtime env keeps Ray from handing one of them to such a job.
     if isinstance(task, ray.remote_function.RemoteFunction):
-        remote = {"fresh": task, "reused": task}
+        remote = {"fresh": task, "shared": task}
     else:
         remote = {
             "fresh": ray.remote(max_calls=1)(task),
-            "reused": ray.remote(max_calls=EVALUATIONS_PER_WORKER, runtime_env=EVALUATION_WORKERS)(task),
+            "shared": ray.remote(max_calls=JOBS_PER_WORKER, runtime_env=SHARED_WORKERS)(task),
         }
     store_url = getattr(store, "url", None) or str(store.root)
     gpu_memory_gb = plan.spec.resources.gpu_memory_gb
@@ -420,8 +420,8 @@ def execute(
             options["memory"] = int(res.memory_gb * 2**30)
         threads = max(1, int(res.num_cpus))
         jobs = [j.model_copy(update={"resources": res}).model_dump(mode="json") for j in batch]
-        reused = batch[0].kind == "evaluate" and not gang
-        ref = remote["reused" if reused else "fresh"].options(**options).remote(jobs, store_url, threads)
+        fresh = gang or getattr(batch[0].config, "deepspeed", None) is not None
+        ref = remote["fresh" if fresh else "shared"].options(**options).remote(jobs, store_url, threads)
         # A batch's timeout is the per-job one times its jobs: they run one after the other.
         timeout = res.timeout_minutes * 60 * len(batch) if res.timeout_minutes else None
         now = time.monotonic()

@@ -437,7 +437,8 @@ class Store:
     def _create_exclusive(self, rel: str, data: bytes) -> bool:
         """Whole or not at all: the record is written under a temporary name, then hard-linked to `rel`,
         which fails if `rel` exists. (Created empty, then written, a claim whose writer was killed in
-        between stayed unreadable, so "live", for CLAIM_STALE_SECONDS.)"""
+        between stays unreadable, so "live", for CLAIM_STALE_SECONDS: the fallback where a filesystem
+        has no hard links.)"""
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -446,11 +447,19 @@ class Store:
                 f.write(data)
             os.chmod(tmp, umask_mode(0o644))
             os.link(tmp, path)
+            return True
         except FileExistsError:
             return False
+        except OSError:  # no hard links here (some network and FUSE filesystems)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, umask_mode(0o644))
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return self.read_bytes(rel) == data  # not taken over while it was empty (see `claim`)
         finally:
             os.unlink(tmp)
-        return True
 
     def _file_age(self, rel: str) -> float:
         try:

@@ -36,7 +36,7 @@ base_model: tiny
 seed: 1234
 train:
   tasks: [pefteval_quick_sentiment]
-  epochs: 1
+  max_steps: 120          # about 3 s of training: long enough to be killed mid-way
   batch_size: 8
 finetunes:
   lora:

@@ -115,6 +115,17 @@ def test_a_claim_is_exclusive_until_released_or_stale(tmp_path):
     assert sorted(p.name for p in store.job_dir("train-2").iterdir()) == ["claim"]
 
 
+def test_a_claim_is_exclusive_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    store = Store(tmp_path)
+    assert store.claim("train-1", "run-a") and not store.claim("train-1", "run-b")
+    assert store.claim_holder("train-1") == "run-a"
+    assert sorted(p.name for p in store.job_dir("train-1").iterdir()) == ["claim"]
+
+
 def test_an_older_store_is_refused_with_a_clear_message(tmp_path):
     from pefteval_harness.errors import BadInput
 

@@ -190,8 +190,9 @@ def test_a_gang_spreads_its_ranks_over_both_nodes(two_nodes, tiny_model_dir, tmp
             },
             # No evaluations: what the gangs saved is compared with the one worker's weights and the base's.
             "evaluate": {"tasks": ["pefteval_quick_sentiment"], "limit": 4, "include_base": False},
-            # Two gangs of two 1-CPU ranks fill the two 2-CPU nodes: spread puts one rank of each per node.
-            "resources": {"train": {"num_cpus": 1}, "max_retries": 0},
+            # A rank takes a whole 2-CPU node: each gang has one rank per node, and the gangs run one after
+            # the other (at once, their 4 ranks on this VM's 2 cores made training 8 times slower).
+            "resources": {"train": {"num_cpus": 2}, "max_retries": 0},
         }
     )
     store = Store(tmp_path / "store")

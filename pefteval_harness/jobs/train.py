@@ -296,6 +296,7 @@ def train_rank(job: Job, store: Store, rank: Rank) -> Trained:
 
     from pefteval_harness.progress import TrainProgress
 
+    reset_peak_rss()  # this process may have run other jobs before
     config, settings = job.config, job.config.train
     method = get_method(config.method)
     base = model_path(config.base, store)
@@ -410,7 +411,7 @@ def train_rank(job: Job, store: Store, rank: Rank) -> Trained:
         "trainable_params": trainable,
         "total_params": total,
         "train_seconds": seconds,
-        "peak_rss_mb": peak_rss_mb(),  # each train job (each rank) runs in a fresh worker process
+        "peak_rss_mb": peak_rss_mb(),  # since the job started (`reset_peak_rss`)
         "trained_tokens": tokens,  # non-padding input tokens of every optimiser step's batches (all epochs)
         "tokens_per_second": tokens / seconds if seconds > 0 else None,
         # Peak memory torch allocated on the GPU during training; None without one.
@@ -434,9 +435,25 @@ def _checkpointing(rank: Rank, total_steps: int) -> dict:
     return {"save_strategy": "steps", "save_steps": max(1, math.ceil(total_steps / rank.checkpoints))}
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory afresh (Linux), so that a job in a reused worker process
+    records its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory since `reset_peak_rss` (VmHWM); without /proc, ru_maxrss: the
+    peak over the process's life."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_accelerator_mb() -> float | None:

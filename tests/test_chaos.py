@@ -130,10 +130,14 @@ def test_killed_driver_and_workers_at_fixed_moments_lose_nothing(reference, tmp_
     def done_jobs():
         return [p.parent.name for p in out.glob("jobs/*/status.json") if '"done"' in p.read_text()]
 
-    # 1. The driver, right after the first job (the base model) is done.
+    def claimed_after_first_done():  # the base model done, and the driver holding the next jobs' claims
+        done = done_jobs()
+        return done and [p for p in out.glob("jobs/*/claim") if p.parent.name not in done]
+
+    # 1. The driver, right after the first job (the base model) is done and the next ones are claimed.
     run = chaos.start_run(spec, out, log, umask=0o077)
     try:
-        _wait(run, done_jobs, "first job done")
+        _wait(run, claimed_after_first_done, "first job done and the next claimed")
     finally:
         chaos.kill_driver(run)
     untouched |= _written(out)

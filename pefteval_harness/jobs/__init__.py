@@ -123,6 +123,25 @@ def run_batch(jobs: list[dict], store_root: str, threads: int = 1) -> dict[str, 
     returned, not raised, so that the driver decides about retries; only a dying process escapes.
     `threads` is the jobs' CPU count (torch's threads); a batch's jobs share one `resources`.
     """
+    try:
+        return _run_batch(jobs, store_root, threads)
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """The worker may run other jobs next (runner.JOBS_PER_WORKER): free what this batch's models left,
+    torch's cached GPU memory included, which other processes on the GPU could not use otherwise."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _run_batch(jobs: list[dict], store_root: str, threads: int) -> dict[str, dict]:
     from pefteval_harness.numerics import pin_numerics
     from pefteval_harness.progress import ProgressWriter
     from pefteval_harness.scheduling import cap_accelerator_memory

@@ -152,7 +152,11 @@ def test_a_run_stopped_by_sigterm_cancels_its_jobs_exits_and_resumes(spec, tmp_p
     )
     try:
         deadline = time.monotonic() + 300
-        while not (_statuses(out) and busy_workers(driver)):
+        def evaluating() -> bool:  # the base model done, an evaluation claimed and its worker at it
+            busy = [title for _, title in busy_workers(driver) if title.startswith("ray::evaluate:")]
+            return bool(_statuses(out) and _claimed(out) and busy)
+
+        while not evaluating():
             assert driver.poll() is None, "the run ended before it could be stopped"
             assert time.monotonic() < deadline, "no job done and another running within 300 s"
             time.sleep(0.1)

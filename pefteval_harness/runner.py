@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from pefteval_harness import scheduling
@@ -59,6 +59,7 @@ JOIN_ENV = {"RAY_gcs_server_port_wait_time_s": "1", "RAY_py_gcs_connect_timeout_
 # what a long run's workers accumulate.
 JOBS_PER_WORKER = 16
 SHARED_WORKERS = {"env_vars": {"PEFTEVAL_WORKER": "shared"}}  # a worker pool of their own
+LOCAL_START_ATTEMPTS = 2  # a local Ray whose raylet died starting (a loaded machine) is started again once
 CANCEL_WAIT_SECONDS = 10.0  # a stopped run waits this long at most for its cancelled tasks to end
 
 
@@ -98,18 +99,46 @@ def init_ray(address: str | None, num_cpus: int | None = None, verbose: bool = F
             "ray was imported before pefteval could keep the local Ray on 127.0.0.1:"
             " set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
         )
-    with _callers_sigterm_handler():
-        ray.init(
-            address="local",
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            num_cpus=num_cpus,
-            log_to_driver=verbose,  # the jobs' own output; Ray keeps it in its session logs either way
-        )
+    _start_local_ray(num_cpus, verbose)
     addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
     if addresses != {"127.0.0.1"}:
         ray.shutdown()
         raise RuntimeError(f"the local Ray bound to {addresses}, not 127.0.0.1; stopped it")
+
+
+def _start_local_ray(num_cpus: int | None, verbose: bool) -> None:
+    """ray.init of a new local Ray, started again once if it dies starting.
+
+    On a loaded machine Ray's raylet can abort at start-up: it waits a fixed 15 s for its dashboard agent's
+    ports, and the agent (a Python process importing much of Ray) can take longer. ray.init then fails after
+    about 35 s and leaves the dead node's other processes running: they are stopped (only those this call
+    started), and a second start, with the imports now in the page cache, is tried before giving up.
+    """
+    import psutil
+    import ray
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            with _callers_sigterm_handler():
+                ray.init(
+                    address="local",
+                    _node_ip_address="127.0.0.1",
+                    include_dashboard=False,
+                    num_cpus=num_cpus,
+                    log_to_driver=verbose,  # the jobs' own output; Ray keeps it in its session logs either way
+                )
+            return
+        except Exception as e:
+            ray.shutdown()
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in before:
+                    with suppress(psutil.Error):
+                        child.kill()
+            if attempt == LOCAL_START_ATTEMPTS:
+                tries = f"{LOCAL_START_ATTEMPTS} tries"
+                raise RuntimeError(f"the local Ray did not start ({tries}): {_first_line(e)}") from e
+            log.warning("the local Ray did not start (%s); starting it again", _first_line(e))
 
 
 def _join(address: str, given: str, verbose: bool) -> None:

@@ -306,14 +306,16 @@ class Store:
         """Delete the temporary files that writers killed while writing the run's own files (the plan, the
         reports, the plots) left there, once older than STALE_TEMPORARY_SECONDS. A job's folder is its
         holder's to clean (`remove_leftovers`)."""
-        cutoff = time.time() - STALE_TEMPORARY_SECONDS
         for folder in folders:
-            for entry in (self.root / folder).glob(".*"):
-                try:
-                    if _TEMPORARY.match(entry.name) and entry.is_file() and entry.stat().st_mtime < cutoff:
-                        entry.unlink()
-                except FileNotFoundError:  # renamed or removed meanwhile
-                    pass
+            for name in self.listdir(folder):
+                rel = f"{folder}/{name}" if folder else name
+                # An age of inf: gone meanwhile (renamed into place), or a filesystem that keeps no times.
+                if self._is_temporary(name) and STALE_TEMPORARY_SECONDS < self._file_age(rel) < float("inf"):
+                    self.delete(rel)
+
+    @staticmethod
+    def _is_temporary(name: str) -> bool:
+        return bool(_TEMPORARY.match(name))
 
     def remove_leftovers(self, job_id: str) -> None:
         """Delete what killed attempts of the job left in its folder: temporary files and staging folders
@@ -566,22 +568,16 @@ class RemoteStore(Store):
         if self.object_store:
             return
         for name in self.listdir(f"jobs/{job_id}"):
-            if name.endswith(_TMP_SUFFIX):
+            if self._is_temporary(name):
                 self.delete(f"jobs/{job_id}/{name}")
 
     def remove_stale_temporaries(self, folders: tuple[str, ...] = ("", "plots")) -> None:
-        if self.object_store:  # a put leaves nothing behind
-            return
-        cutoff = time.time() - STALE_TEMPORARY_SECONDS
-        for folder in folders:
-            for name in self.listdir(folder):
-                rel = f"{folder}/{name}" if folder else name
-                try:
-                    stale = name.endswith(_TMP_SUFFIX) and self.fs.modified(self._abs(rel)).timestamp() < cutoff
-                except (FileNotFoundError, NotImplementedError):  # gone meanwhile; no times on this filesystem
-                    continue
-                if stale:
-                    self.delete(rel)
+        if not self.object_store:  # a put leaves nothing behind
+            super().remove_stale_temporaries(folders)
+
+    @staticmethod
+    def _is_temporary(name: str) -> bool:
+        return name.endswith(_TMP_SUFFIX)
 
     def is_folder(self, rel: str = "") -> bool:  # on an object store: a prefix with objects below it
         return self.fs.isdir(self._abs(rel))

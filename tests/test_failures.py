@@ -171,7 +171,7 @@ def test_failures_are_classified_with_logs_the_disk_job_resumes_and_no_secret_is
         "big": ("failed", "out_of_disk", 1),  # never retried: the disk stays full
         "capped": ("failed", "out_of_memory", 1),  # never retried: same job, same cap
         "leaky": ("failed", "error", 2),  # retried once (max_retries: 1)
-    }
+    }, limited.stderr[-3000:]
     assert statuses["big"]["reason"].endswith("File too large (os error 27)"), statuses["big"]
     assert "over its cap of 0.05 GB (resources.memory_gb)" in statuses["capped"]["reason"]
     assert "[redacted]" in statuses["leaky"]["reason"], statuses["leaky"]

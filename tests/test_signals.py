@@ -9,6 +9,8 @@
 - SIGINT (Ctrl-C) or SIGTERM stops a run within seconds: its running jobs cancelled and not recorded failed,
   its claims released, its Ray gone, exit 130 / 143; the same command then resumes it, the jobs done before
   untouched.
+- A local Ray that dies starting (its raylet aborts when its dashboard agent is slow, on a loaded machine) is
+  started again once, its dead processes stopped: the resumed run above meets one.
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ evaluate:
 resources: {tasks_per_worker: 1}   # one worker per evaluation: some finish while others run
 """
 JOBS = 1 + 2  # the base model, 2 evaluations
+# In Ray's dashboard agent only (the raylet starts it): the first one to start dies before it writes its ports.
+AGENT_DIES_ONCE = """\
+import os
+import sys
+
+if any(arg.endswith("dashboard/agent.py") for arg in sys.argv) and not os.path.exists("{marker}"):
+    open("{marker}", "w").close()
+    os._exit(1)
+"""
 # Ray keeps 127.0.0.1 as it is only with this (else it means the machine's network address): what a user of a
 # loopback cluster sets, and what keeps these tests' connections on loopback.
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -187,15 +198,24 @@ def test_a_run_stopped_by_sigterm_cancels_its_jobs_exits_and_resumes(spec, tmp_p
         if not path.name.startswith("."):
             json.loads(path.read_text())
 
-    rerun = pefteval("run", spec, "--output", out, env_extra={"RAY_TMPDIR": str(ray_tmpdir)}, timeout=600)
+    # The same command again, its Ray's first dashboard agent dying at once (as one too slow to start does on a
+    # loaded machine): the raylet aborts, and the run starts a new local Ray.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AGENT_DIES_ONCE.format(marker=tmp_path / "agent-died"))
+    rerun = pefteval(
+        "run", spec, "--output", out, env_extra={"RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": str(site)}, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (tmp_path / "agent-died").exists() and "the local Ray did not start" in rerun.stderr, rerun.stderr[-3000:]
     assert f"{JOBS - len(done)} jobs ran, {len(done)} already done, 0 failed" in rerun.stdout
     after = _statuses(out)
     assert len(after) == JOBS and {job: after[job] for job in done} == done  # the done jobs were not touched
     leaderboard = (out / "leaderboard.md").read_text()
     assert all(task in leaderboard for task in ("quick_sentiment", "quick_arithmetic"))
-    # Two runs, two Rays of their own in the private temp folder; the dead cluster's address file as it was.
-    assert len(list((ray_tmpdir / "ray").glob("session_2*"))) == 2
+    # Two runs, three Rays of their own in the private temp folder (the second run's first one died starting);
+    # the dead cluster's address file as it was.
+    assert len(list((ray_tmpdir / "ray").glob("session_2*"))) == 3
     assert (ray_tmpdir / "ray" / "ray_current_cluster").read_text() == stale
 
 

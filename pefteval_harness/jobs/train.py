@@ -64,7 +64,17 @@ def deepspeed_config(settings: DeepSpeedSettings) -> dict:
     }
 
 
-# torch builds DeepSpeed's C++ ops (on a CPU, its shared-memory collectives) in a folder under a lock file,
+def _without_shared_memory_collectives() -> None:
+    """DeepSpeed's communication backend, starting on a CPU, JIT-compiles its shared-memory collectives (a C++
+    op: over a minute on 2 cores, again whenever the Python environment moves) for `inference_all_reduce`, which
+    training never calls. Marked unavailable (the dict DeepSpeed keeps for this), it is never built; training's
+    collectives are torch.distributed's (gloo on a CPU) either way."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# torch builds DeepSpeed's C++ ops (CPU Adam, with `offload_optimizer`) in a folder under a lock file,
 # which it takes even to check a finished build. A process killed holding it (SIGKILL, a lost node) leaves
 # the file, and every later DeepSpeed job on the machine waits for it forever (seen in bench/chaos.py). A
 # build of these ops takes well under a minute here: a lock older than this belongs to a dead process.
@@ -331,6 +341,7 @@ def train_rank(job: Job, store: Store, rank: Rank) -> Trained:
     total = sum(p.numel() for p in model.parameters())
 
     if config.deepspeed:
+        _without_shared_memory_collectives()
         _sweep_dead_build_locks()
     if config.deepspeed and rank.world == 1:
         _single_process_group()

@@ -24,6 +24,20 @@ os.environ.update(
 )
 os.environ.pop("RAY_ADDRESS", None)  # tests start their own loopback Ray, never join another
 
+# The files that take longest (pytest's --durations in CI), longest first. pytest-xdist's `--dist loadfile`
+# hands files to its workers in collection order, one at a time as a worker runs low: longest first keeps
+# the two workers busy to the end. (Its default order, most tests first, left these few-test files for last.)
+LONGEST_FILES = [
+    "test_chaos.py", "test_pipeline.py", "test_two_node.py", "test_gang.py", "test_signals.py",
+    "test_failures.py", "test_store_fsspec.py", "test_runner.py", "test_peft_study.py", "test_ray_cluster.py",
+    "test_examples.py", "test_affective_study.py", "test_merge_study.py", "test_tasks.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():

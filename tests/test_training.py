@@ -103,3 +103,13 @@ def test_too_long_examples_lose_the_start_of_the_prompt_never_the_answer(tiny_mo
     kept = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     assert tokenizer.decode(kept[:-1]) == " positive" and kept[-1:] == answer  # the whole answer, then EOS
     assert tokenizer.decode(row["input_ids"][: 16 - len(kept)]).endswith("Sentiment:")  # the prompt's end kept
+
+
+def test_deepspeed_jobs_build_no_shared_memory_collectives():
+    """DeepSpeed's CPU backend would JIT-compile this C++ op (over a minute) for an all-reduce training never uses."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from pefteval_harness.jobs.train import _without_shared_memory_collectives
+
+    _without_shared_memory_collectives()  # what every DeepSpeed train job calls before DeepSpeed starts
+    assert build_shm_op() is None

@@ -136,8 +136,7 @@ def _start_local_ray(num_cpus: int | None, verbose: bool) -> None:
                     with suppress(psutil.Error):
                         child.kill()
             if attempt == LOCAL_START_ATTEMPTS:
-                tries = f"{LOCAL_START_ATTEMPTS} tries"
-                raise RuntimeError(f"the local Ray did not start ({tries}): {_first_line(e)}") from e
+                raise RuntimeError(f"the local Ray did not start, {attempt} times: {_first_line(e)}") from e
             log.warning("the local Ray did not start (%s); starting it again", _first_line(e))
 
 

@@ -80,6 +80,11 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
+def processes_naming(text: str) -> list[psutil.Process]:
+    """Live processes with `text` in an argument of their command line (a Ray session's or temp folder)."""
+    return [proc for proc in psutil.process_iter(["cmdline"]) if any(text in arg for arg in proc.info["cmdline"] or ())]
+
+
 def kill_tree(roots: list[subprocess.Popen], temp_dir: str) -> None:
     """Stop a cluster this test started, and only it: its node processes (`ray start --block` and the
     like), their descendants, and any process whose command line names the cluster's own temp folder
@@ -92,12 +97,7 @@ def kill_tree(roots: list[subprocess.Popen], temp_dir: str) -> None:
             procs += [parent, *parent.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in arg for arg in proc.info["cmdline"] or ()) and proc not in procs:
-                procs.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
+    procs += [proc for proc in processes_naming(temp_dir) if proc not in procs]
     for root in roots:
         if root.poll() is None:
             root.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its services

@@ -33,7 +33,7 @@ import pytest
 from bench.chaos import busy_workers, kill_driver
 from pefteval_harness.runner import JOIN_TIMEOUT_SECONDS, StopSignals
 from tests.conftest import PEFTEVAL, REPO
-from tests.loopback import free_ports
+from tests.loopback import free_ports, processes_naming
 from tests.test_pipeline import pefteval
 
 SPEC = """\
@@ -218,7 +218,7 @@ def test_a_run_stopped_by_sigterm_cancels_its_jobs_exits_and_resumes(spec, tmp_p
             time.sleep(0.1)
         dead = sessions[1].name  # the Ray that died starting: its processes were stopped before the next one
         deadline = time.monotonic() + 5
-        while (left := _processes_of(dead)) and time.monotonic() < deadline:
+        while (left := processes_naming(dead)) and time.monotonic() < deadline:
             time.sleep(0.1)
         stdout, stderr = rerun.communicate(timeout=600)
     finally:
@@ -236,16 +236,6 @@ def test_a_run_stopped_by_sigterm_cancels_its_jobs_exits_and_resumes(spec, tmp_p
     # the dead cluster's address file as it was.
     assert len(list((ray_tmpdir / "ray").glob("session_2*"))) == 3
     assert (ray_tmpdir / "ray" / "ray_current_cluster").read_text() == stale
-
-
-def _processes_of(session: str) -> list[str]:
-    """Live processes of a Ray session (their command lines name its folder)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        if session in command:
-            found.append(command[:100])
-    return found
 
 
 def _statuses(out: Path) -> dict[str, int]:

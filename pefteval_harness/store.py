@@ -321,17 +321,26 @@ class Store:
         """Delete what killed attempts of the job left in its folder: temporary files and staging folders
         (their names start with a dot; nothing else's does). Called by the job's holder only: as its
         attempt starts building an artifact, and once it is recorded. A claim being written by another run
-        this instant (".claim.<random>", younger than CLAIM_STALE_SECONDS) is not a leftover."""
+        this instant (".claim.<random>") is not a leftover (`_claim_being_written`)."""
         for entry in self.job_dir(job_id).glob(".*"):
-            if (
-                entry.name.startswith(".claim.")
-                and self._file_age(f"jobs/{job_id}/{entry.name}") <= CLAIM_STALE_SECONDS
-            ):
+            if entry.name.startswith(".claim.") and self._claim_being_written(f"jobs/{job_id}/{entry.name}"):
                 continue
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+    def _claim_being_written(self, rel: str) -> bool:
+        """A claim written aside (`_create_exclusive`) by a run that may still link it in place: younger than
+        CLAIM_STALE_SECONDS, and not one whose writer died on this host (killed between writing and
+        linking it: the same test as for a claim's holder)."""
+        if self._file_age(rel) > CLAIM_STALE_SECONDS:
+            return False
+        try:
+            record = json.loads(self.read_bytes(rel) or b"")
+        except ValueError:  # being written
+            return True
+        return not (isinstance(record, dict) and _holder_died_here(record))
 
     def jobs(self) -> Iterator[tuple[dict, dict]]:
         """(job definition, status) of every job that has a status."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
 
 import pytest
 
+from pefteval_harness import store as store_module
 from pefteval_harness.store import CLAIM_STALE_SECONDS, DONE, FAILED, Store, read_json, umask_mode, write_atomic
+from tests.test_store_fsspec import dead_pid
 
 
 def test_write_atomic_replaces_whole_and_leaves_no_temp_files(tmp_path):
@@ -42,6 +45,8 @@ def test_a_killed_attempts_leftovers_go_when_the_job_is_staged_again_or_recorded
     (folder / ".status.json.k1ll").write_text("{")  # a killed atomic write
     (folder / ".claim.n0w").write_text("{}")  # another run writing its claim this instant: not a leftover
     (folder / ".claim.k1ll").write_text("{}")  # ... unless old: a claim writer killed long ago
+    died = {"owner": "r", "host": store_module._HOST, "pid_ns": store_module._PID_NS, "pid": dead_pid()}
+    (folder / ".claim.d1ed").write_text(json.dumps(died))  # ... or young, its writer killed on this host
     old = time.time() - CLAIM_STALE_SECONDS - 5
     os.utime(folder / ".claim.k1ll", (old, old))
     with store.staging("train-1") as scratch:

@@ -125,7 +125,7 @@ def test_exclusive_create_lets_one_of_many_concurrent_claimants_win(store):
     assert sum(won.values()) == 1 and store.claim_holder("train-1") == next(o for o, w in won.items() if w)
 
 
-def _dead_pid() -> int:
+def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # exited and reaped: no process has this pid now
     return child.pid
@@ -138,7 +138,7 @@ def test_a_claim_of_a_dead_or_reused_pid_on_this_host_is_stale_at_once(kind, tmp
     mine = {"host": store_module._HOST, "pid_ns": store_module._PID_NS, "time": time.time()}
     store.write_json("jobs/train-1/claim", {**mine, "owner": "driver-alive", "pid": os.getpid()})
     assert store.claim_is_live("train-1") and not store.claim("train-1", "run-b")  # its holder lives
-    store.write_json("jobs/train-1/claim", {**mine, "owner": "driver-killed", "pid": _dead_pid()})
+    store.write_json("jobs/train-1/claim", {**mine, "owner": "driver-killed", "pid": dead_pid()})
     assert not store.claim_is_live("train-1")  # fresh, but its process is gone: no 120 s wait
     assert store.claim("train-1", "run-b") and store.claim_holder("train-1") == "run-b"
     # Its pid given to another process since (this one, started at another time): dead as well.
@@ -149,7 +149,7 @@ def test_a_claim_of_a_dead_or_reused_pid_on_this_host_is_stale_at_once(kind, tmp
     store.write_json("jobs/train-1/claim", {**reused, "started": started})
     assert store.claim_is_live("train-1")
     # The same pid on another host (or in another pid namespace) says nothing: judged by age only.
-    store.write_json("jobs/train-1/claim", {**mine, "owner": "x", "pid": _dead_pid(), "pid_ns": "pid:[1]"})
+    store.write_json("jobs/train-1/claim", {**mine, "owner": "x", "pid": dead_pid(), "pid_ns": "pid:[1]"})
     assert store.claim_is_live("train-1")
 
 
